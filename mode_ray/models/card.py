@@ -1,0 +1,119 @@
+"""The expert card (`expert.json`): everything needed to build, validate and route to an expert."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+
+
+class Parametrization(BaseModel):
+    """How the expert's network is parametrised inside; the expert always *exposes* EDM x0_hat."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["edm", "ddpm"] = "edm"
+    sigma_data: float = Field(0.5, gt=0)
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None  # ddpm only
+    scheduler_config: dict[str, Any] | None = None  # ddpm only: a diffusers DDPMScheduler config
+
+    @model_validator(mode="after")
+    def _ddpm_fields(self) -> Parametrization:
+        if self.kind == "ddpm" and (self.prediction_type is None or self.scheduler_config is None):
+            raise ValueError("a 'ddpm' parametrization needs prediction_type and scheduler_config")
+        return self
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["class_label", "none"] = "class_label"
+    dim: int = Field(10, ge=0)
+    names: list[str] = Field(default_factory=list)
+
+
+class DataSummary(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    dataset: str = "mnist"
+    partition: str = "all"  # e.g. "labels:0,6" or "kmeans:4:2" (k clusters, cluster index)
+    num_examples: int = Field(0, ge=0)
+    label_counts: dict[str, int] = Field(default_factory=dict)
+
+
+class ExpertCard(BaseModel):
+    """Card of one expert. Every expert of one mixture shares `formulation`, `latent_shape` and `condition`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN)
+    version: str = "1"
+    backbone: Literal["unet", "diffusers_unet2d"] = "unet"
+    backbone_config: dict[str, Any]
+    formulation: Literal["edm"] = "edm"
+    parametrization: Parametrization = Field(default_factory=Parametrization)
+    latent_shape: tuple[int, int, int]
+    condition: Condition = Field(default_factory=Condition)
+    prototype: list[float] | None = None  # mean condition embedding of the training data, (D,)
+    sigma_interval: tuple[float, float] | None = None  # the noise gate routes here only inside it
+    guidance_dropout: float = Field(0.0, ge=0, le=1)  # condition dropout used in training (CFG ready if > 0)
+    parameters: int = Field(0, ge=0)
+    data: DataSummary = Field(default_factory=DataSummary)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("latent_shape")
+    @classmethod
+    def _positive_shape(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(d < 1 for d in v):
+            raise ValueError(f"latent_shape must be positive (C, H, W), got {list(v)}")
+        return v
+
+    @field_validator("sigma_interval")
+    @classmethod
+    def _interval(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 <= v[0] < v[1]:
+            raise ValueError(f"sigma_interval must be [lo, hi] with 0 <= lo < hi, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _prototype_dim(self) -> ExpertCard:
+        if self.prototype is not None and len(self.prototype) != self.condition.dim:
+            raise ValueError(f"prototype has {len(self.prototype)} values, condition.dim is {self.condition.dim}")
+        return self
+
+    def save(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> ExpertCard:
+        return cls.model_validate(read_json(path, cls.__name__))
+
+    def compatible_with(self, other: ExpertCard) -> None:
+        """Raise ValueError naming the field unless `other` can join a mixture with this expert."""
+        for field in ("formulation", "latent_shape", "condition"):
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if mine != theirs:
+                raise ValueError(f"expert {other.name!r}: {field} {theirs!r} differs from the mixture's {mine!r}")
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON object with errors that name the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what}: {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what}: {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(e: ValidationError, where: str) -> str:
+    """One line per field: `where.field: message (got value)`."""
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        lines.append(f"{where}.{loc}: {err['msg']}{got}")
+    return "; ".join(lines)

@@ -1,0 +1,114 @@
+"""Expert checkpoints: a directory with `expert.json` (the card) and `model.safetensors`. Nothing else loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mode_ray.diffusion import EDMPrecond
+from mode_ray.models.card import ExpertCard, format_validation_error, read_json
+from mode_ray.models.unet import UNet, UNetConfig
+
+CARD_FILE, WEIGHTS_FILE = "expert.json", "model.safetensors"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Expert:
+    """A loaded expert: its card and its denoiser `D(x, sigma, cond) -> x0_hat` (an nn.Module in eval mode)."""
+
+    card: ExpertCard
+    denoiser: nn.Module
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+
+def build_denoiser(card: ExpertCard) -> nn.Module:
+    """An untrained denoiser with the architecture the card describes."""
+    if card.backbone == "unet":
+        try:
+            config = UNetConfig(**card.backbone_config)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"expert {card.name!r}: backbone_config is invalid: {e}") from None
+        return EDMPrecond(UNet(config), sigma_data=card.parametrization.sigma_data)
+    from mode_ray.models.diffusers_adapter import DiffusersVPAdapter, alphas_cumprod_from_config
+
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        raise CheckpointError(
+            f"expert {card.name!r} is a diffusers model: install the extra with `pip install mode-ray[diffusers]`"
+        ) from None
+    p = card.parametrization
+    assert p.scheduler_config is not None and p.prediction_type is not None  # checked by the card
+    unet = UNet2DModel.from_config(card.backbone_config)
+    return DiffusersVPAdapter(unet, alphas_cumprod_from_config(p.scheduler_config), p.prediction_type)
+
+
+def save_expert(path: str | Path, card: ExpertCard, denoiser: nn.Module) -> Path:
+    """Write `card` and the denoiser's weights (contiguous CPU tensors) to the directory `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if card.parameters == 0:
+        card = card.model_copy(update={"parameters": sum(p.numel() for p in denoiser.parameters())})
+    state = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
+    save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt", "expert": card.name})
+    card.save(path / CARD_FILE)
+    return path
+
+
+def load_card(path: str | Path) -> ExpertCard:
+    """Read and validate `expert.json` in the expert directory `path`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not an expert directory (expected {CARD_FILE} and {WEIGHTS_FILE})")
+    try:
+        return ExpertCard.model_validate(read_json(path / CARD_FILE, "expert card"))
+    except ValidationError as e:
+        raise CheckpointError(f"{path / CARD_FILE}: {format_validation_error(e, 'card')}") from None
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_state(path: Path, expected: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """Load safetensors from `path` and check names and shapes against `expected` (a state_dict)."""
+    if not path.is_file():
+        pickles = sorted(p.name for p in path.parent.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        hint = f"; found {pickles}: pickle checkpoints are never loaded, convert to safetensors" if pickles else ""
+        raise CheckpointError(f"{what}: {path} is missing{hint}")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{what}: {path} is not a valid safetensors file ({e})") from None
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{what}: {path} missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            raise CheckpointError(
+                f"{what}: tensor {k!r} in {path} has shape {list(state[k].shape)}, expected {list(v.shape)}"
+            )
+    return state
+
+
+def load_expert(path: str | Path, device: str | torch.device = "cpu") -> Expert:
+    """Load an expert directory; a CheckpointError for anything but a valid card and matching safetensors."""
+    path = Path(path)
+    card = load_card(path)
+    denoiser = build_denoiser(card)
+    state = load_state(path / WEIGHTS_FILE, denoiser.state_dict(), f"expert {card.name!r}")
+    denoiser.load_state_dict(state)
+    return Expert(card, denoiser.to(device).eval().requires_grad_(False))

@@ -1,0 +1,67 @@
+"""Condition encoders: prompt -> cond (B, D). The default encodes the data set's class labels one-hot.
+
+The all-zeros row is the null condition (unconditional branch of classifier-free guidance), which is
+what experts see during condition dropout. A text encoder can implement the same protocol later.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+class ConditionEncoder(Protocol):
+    """Maps prompts to cond: (B, D); `dim` is D."""
+
+    dim: int
+
+    def encode(self, prompts: Sequence[str | int]) -> torch.Tensor: ...
+
+    def labels(self, prompts: Sequence[str | int]) -> list[int]: ...
+
+
+class ClassLabelEncoder:
+    """One-hot class conditions. Accepts `7`, `"7"`, `"seven"`, `"digit 7"`, `"digit seven"` (any case)."""
+
+    def __init__(self, names: Sequence[str] = DIGIT_NAMES, noun: str = "digit") -> None:
+        self.names = tuple(n.lower() for n in names)
+        self.noun = noun
+        self.dim = len(self.names)
+
+    def label(self, prompt: str | int) -> int:
+        """The class index of one prompt; a ValueError that lists the accepted forms otherwise."""
+        if isinstance(prompt, bool):
+            raise ValueError(f"prompt must be a class index or name, got {prompt!r}")
+        if isinstance(prompt, int):
+            if 0 <= prompt < self.dim:
+                return prompt
+        else:
+            text = re.sub(rf"^\s*(a\s+|an\s+)?{re.escape(self.noun)}\s+", "", str(prompt).strip().lower()).strip()
+            if text.isdigit() and 0 <= int(text) < self.dim:
+                return int(text)
+            if text in self.names:
+                return self.names.index(text)
+        raise ValueError(
+            f"prompt {prompt!r} is not a known class: use an index 0..{self.dim - 1}, a name such as "
+            f"{self.names[min(7, self.dim - 1)]!r}, or '{self.noun} <index|name>'"
+        )
+
+    def labels(self, prompts: Sequence[str | int]) -> list[int]:
+        return [self.label(p) for p in prompts]
+
+    def encode(self, prompts: Sequence[str | int]) -> torch.Tensor:
+        """cond: (B, D) one-hot rows."""
+        return one_hot(torch.tensor(self.labels(prompts), dtype=torch.long), self.dim)
+
+
+def one_hot(labels: torch.Tensor, dim: int) -> torch.Tensor:
+    """labels: (B,) int -> (B, dim) float32; a label of -1 gives the null (all-zeros) row."""
+    out = torch.zeros(labels.shape[0], dim)
+    keep = labels >= 0
+    out[keep, labels[keep]] = 1.0
+    return out

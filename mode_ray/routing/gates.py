@@ -1,0 +1,134 @@
+"""Gates: `(x, sigma, cond) -> logits (B, N)` over an ordered list of experts, composable by adding logits.
+
+- `PrototypeGate`: `cos(cond, mu_k) / tau`; a hot-added expert is routable at once from its card.
+- `NoiseGate`: 0 inside an expert's sigma interval, -inf outside (eDiff-I / Wan 2.2 switching).
+- `LearnedGate`: a small classifier estimating `p(k | x, sigma, cond)` (Decentralized Diffusion Models).
+  It scores only the experts it was trained on; others get 0 from it and are scored by the other gates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mode_ray.models.card import ExpertCard
+
+
+class Gate(nn.Module):
+    """Base: `forward(x, sigma, cond, experts) -> logits (B, len(experts))`."""
+
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None, experts: Sequence[ExpertCard]
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PrototypeGate(Gate):
+    """logit_k = cos(cond, mu_k) / tau; 0 for a null condition or an expert without a prototype."""
+
+    def __init__(self, tau: float = 0.1) -> None:
+        super().__init__()
+        if tau <= 0:
+            raise ValueError(f"prototype gate tau must be > 0, got {tau}")
+        self.tau = tau
+
+    def forward(self, x, sigma, cond, experts):  # type: ignore[no-untyped-def]
+        logits = x.new_zeros(x.shape[0], len(experts))
+        if cond is None:
+            return logits
+        for k, card in enumerate(experts):
+            if card.prototype is not None:
+                mu = torch.tensor(card.prototype, dtype=cond.dtype, device=cond.device)
+                logits[:, k] = F.cosine_similarity(cond, mu[None], dim=1, eps=1e-8) / self.tau  # zero cond -> 0
+        return logits
+
+
+class NoiseGate(Gate):
+    """0 where sigma lies in the expert's `sigma_interval` (lo <= sigma < hi), -inf outside; 0 without one."""
+
+    def forward(self, x, sigma, cond, experts):  # type: ignore[no-untyped-def]
+        logits = x.new_zeros(x.shape[0], len(experts))
+        for k, card in enumerate(experts):
+            if card.sigma_interval is not None:
+                lo, hi = card.sigma_interval
+                inside = (sigma >= lo) & (sigma < hi)
+                logits[:, k] = torch.where(inside, 0.0, -math.inf)
+        return logits
+
+
+@dataclass(frozen=True)
+class LearnedGateConfig:
+    experts: tuple[str, ...]  # the output rows, in order
+    in_channels: int = 1
+    cond_dim: int = 10
+    width: int = 32
+    sigma_data: float = 0.5
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["experts"] = list(self.experts)
+        return d
+
+
+class LearnedGateNet(nn.Module):
+    """A small CNN on the preconditioned x, the noise level and cond -> (B, len(experts)) log-probabilities."""
+
+    def __init__(self, config: LearnedGateConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        w = c.width
+        self.features = nn.Sequential(
+            nn.Conv2d(c.in_channels, w, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2),  # (B, w, H/2, W/2)
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2),  # (B, 2w, H/4, W/4)
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 2w)
+        )
+        self.noise = nn.Linear(2, 2 * w)
+        self.cond = nn.Linear(c.cond_dim, 2 * w, bias=False) if c.cond_dim else None
+        self.head = nn.Sequential(nn.SiLU(), nn.Linear(2 * w, 2 * w), nn.SiLU(), nn.Linear(2 * w, len(c.experts)))
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        s = sigma.to(x.dtype).reshape(-1, 1)  # (B, 1)
+        c_in = 1 / (s**2 + self.config.sigma_data**2).sqrt()
+        h = self.features(x * c_in[..., None, None])  # (B, 2w)
+        h = h + self.noise(torch.cat([s.log() / 4, c_in], dim=1))
+        if self.cond is not None and cond is not None:
+            h = h + self.cond(cond.to(h.dtype))
+        return self.head(h).log_softmax(dim=1)  # (B, N_trained)
+
+
+class LearnedGate(Gate):
+    """Maps the net's outputs onto the current expert list by name; unknown experts get 0."""
+
+    def __init__(self, net: LearnedGateNet) -> None:
+        super().__init__()
+        self.net = net
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        return self.net.config.experts
+
+    def forward(self, x, sigma, cond, experts):  # type: ignore[no-untyped-def]
+        scores = self.net(x, sigma, cond)  # (B, N_trained)
+        logits = x.new_zeros(x.shape[0], len(experts))
+        for k, card in enumerate(experts):
+            if card.name in self.experts:
+                logits[:, k] = scores[:, self.experts.index(card.name)]
+        return logits
+
+
+class SumGate(Gate):
+    """Composition: the sum of its gates' logits."""
+
+    def __init__(self, gates: Sequence[Gate]) -> None:
+        super().__init__()
+        if not gates:
+            raise ValueError("a SumGate needs at least one gate")
+        self.gates = nn.ModuleList(gates)
+
+    def forward(self, x, sigma, cond, experts):  # type: ignore[no-untyped-def]
+        return sum(g(x, sigma, cond, experts) for g in self.gates)  # type: ignore[return-value]

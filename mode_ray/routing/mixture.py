@@ -1,0 +1,87 @@
+"""The in-process Mixture: itself a Denoiser over local experts, built on `plan_step` / `finish_step`.
+
+It is the reference the distributed router is checked against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mode_ray.models.checkpoint import Expert
+from mode_ray.routing.gates import Gate
+from mode_ray.routing.step import StepPlan, finish_step, plan_step
+
+
+def validate_experts(experts: Sequence[Expert]) -> None:
+    if not experts:
+        raise ValueError("a mixture needs at least one expert")
+    names = [e.name for e in experts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"expert names must be unique, got {names}")
+    for e in experts[1:]:
+        experts[0].card.compatible_with(e.card)
+
+
+class Mixture(nn.Module):
+    """D_mix(x, sigma, cond) = sum_k w_k D_k over the top-k experts of `gate`.
+
+    x: (B, C, H, W); sigma: (B,); cond: (B, D) or None. Returns x0_hat: (B, C, H, W).
+    """
+
+    def __init__(self, experts: Sequence[Expert], gate: Gate, top_k: int = 2, top_p: float | None = None) -> None:
+        super().__init__()
+        validate_experts(experts)
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.experts = list(experts)
+        self.denoisers = nn.ModuleList([e.denoiser for e in experts])
+        self.gate = gate
+        self.top_k, self.top_p = top_k, top_p
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    @property
+    def cards(self) -> list:
+        return [e.card for e in self.experts]
+
+    def allowed(self, pin: Sequence[str] = (), exclude: Sequence[str] = ()) -> torch.Tensor | None:
+        """(N,) bool mask from pinned / excluded expert names; a ValueError naming an unknown expert."""
+        return allowed_mask(self.names, pin, exclude)
+
+    def plan(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None, guidance_scale: float = 1.0,
+        top_k: int | None = None, top_p: float | None = None, allowed: torch.Tensor | None = None,
+    ) -> StepPlan:
+        logits = self.gate(x, sigma, cond, self.cards)  # (B, N)
+        k = self.top_k if top_k is None else top_k
+        p = self.top_p if top_p is None else top_p
+        return plan_step(logits, x, sigma, cond, k, p, guidance_scale, allowed)
+
+    def evaluate(self, plan: StepPlan) -> torch.Tensor:
+        outputs = {}
+        for e, r in plan.rows.items():
+            cond = None if plan.cond is None else plan.cond[r]
+            outputs[e] = self.denoisers[e](plan.x[r], plan.sigma[r], cond)  # (R_e, C, H, W)
+        return finish_step(plan, outputs)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.evaluate(self.plan(x, sigma, cond))
+
+
+def allowed_mask(names: Sequence[str], pin: Sequence[str] = (), exclude: Sequence[str] = ()) -> torch.Tensor | None:
+    """(N,) bool: True for experts a request may use. None when nothing is pinned or excluded."""
+    unknown = [n for n in list(pin) + list(exclude) if n not in names]
+    if unknown:
+        raise ValueError(f"experts: unknown expert(s) {sorted(set(unknown))}; registered: {list(names)}")
+    if not pin and not exclude:
+        return None
+    mask = torch.tensor([(not pin or n in pin) and n not in exclude for n in names])
+    if not mask.any():
+        raise ValueError(f"experts: pinning {list(pin)} and excluding {list(exclude)} leaves no expert")
+    return mask

@@ -1,0 +1,95 @@
+"""Sparse routing: keep the top-k (or top-p) experts per row and renormalise over the kept ones.
+
+Like an MoE layer (mistral-inference's `moe.py`): top-k on the logits, softmax over the kept k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PAD = -1  # index of an unused slot (adaptive top-p keeps fewer than k experts on some rows)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """indices: (B, k) expert indices (PAD for unused slots); weights: (B, k), each row sums to 1."""
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+
+    def experts(self) -> list[int]:
+        """Sorted distinct expert indices that receive at least one row."""
+        return sorted(int(i) for i in self.indices.unique() if i != PAD)
+
+    def rows_of(self, expert: int) -> torch.Tensor:
+        """(R,) row indices routed to `expert`, in increasing order (gather keeps row order)."""
+        return (self.indices == expert).any(dim=1).nonzero().flatten()
+
+    def repeat(self, times: int) -> Routing:
+        """The same routing for `times` stacked copies of the batch (the branches of guidance)."""
+        return Routing(self.indices.repeat(times, 1), self.weights.repeat(times, 1))
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    if logits.ndim != 2 or logits.shape[1] == 0:
+        raise ValueError(f"logits must be (B, N) with N >= 1 experts, got shape {list(logits.shape)}")
+    dead = ~torch.isfinite(logits).any(dim=1) | torch.isnan(logits).any(dim=1)
+    if dead.any():
+        raise ValueError(
+            f"no expert can take row(s) {dead.nonzero().flatten().tolist()}: every logit is -inf or NaN "
+            "(check the experts' sigma intervals and the pinned/excluded experts)"
+        )
+
+
+def top_k(logits: torch.Tensor, k: int) -> Routing:
+    """Keep the k largest logits per row; weights = softmax over the kept logits. logits: (B, N)."""
+    _check_logits(logits)
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    k = min(k, logits.shape[1])
+    values, indices = logits.topk(k, dim=1)  # (B, k), sorted descending
+    weights = values.softmax(dim=1)  # a -inf kept logit gets weight 0
+    indices = torch.where(weights > 0, indices, torch.full_like(indices, PAD))
+    return Routing(indices, weights)
+
+
+def top_p(logits: torch.Tensor, p: float, k_max: int | None = None) -> Routing:
+    """Adaptive k: per row, the smallest set of experts whose softmax mass reaches p (at most k_max),
+    renormalised. logits: (B, N)."""
+    _check_logits(logits)
+    if not 0 < p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    n = logits.shape[1] if k_max is None else min(k_max, logits.shape[1])
+    probs, indices = logits.softmax(dim=1).sort(dim=1, descending=True)  # (B, N)
+    probs, indices = probs[:, :n], indices[:, :n]
+    mass_before = probs.cumsum(dim=1) - probs  # mass of the experts ranked above each one
+    keep = mass_before < p - 1e-7
+    keep[:, 0] = True
+    weights = torch.where(keep, probs, torch.zeros_like(probs))
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    return Routing(torch.where(keep, indices, torch.full_like(indices, PAD)), weights)
+
+
+def route(logits: torch.Tensor, k: int = 2, p: float | None = None) -> Routing:
+    """top_k, or top_p capped at k when p is given."""
+    return top_k(logits, k) if p is None else top_p(logits, p, k_max=k)
+
+
+def drop_experts(routing: Routing, failed: set[int]) -> tuple[Routing, torch.Tensor]:
+    """Remove `failed` experts and renormalise the remaining weights.
+
+    Returns the new routing and the dropped mass per row: (B,). Raises when a row loses every expert.
+    """
+    hit = torch.zeros_like(routing.weights, dtype=torch.bool)
+    for e in failed:
+        hit |= routing.indices == e
+    dropped = torch.where(hit, routing.weights, torch.zeros_like(routing.weights)).sum(dim=1)  # (B,)
+    weights = torch.where(hit, torch.zeros_like(routing.weights), routing.weights)
+    total = weights.sum(dim=1, keepdim=True)
+    if (total <= 0).any():
+        rows = (total.flatten() <= 0).nonzero().flatten().tolist()
+        raise RuntimeError(f"every chosen expert failed for row(s) {rows} (failed experts: {sorted(failed)})")
+    indices = torch.where(hit, torch.full_like(routing.indices, PAD), routing.indices)
+    return Routing(indices, weights / total), dropped

@@ -1,0 +1,238 @@
+"""Ray Train jobs: one `TorchTrainer` per expert (data-parallel over its workers), the learned gate, a dense
+baseline and the evaluation classifier. Every job writes a safetensors checkpoint through Ray Train's
+checkpointing, which the driver copies to the output directory."""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from mode_ray.diffusion import EDMPrecond, edm_loss, sample_training_sigmas
+from mode_ray.models.card import Condition, DataSummary, ExpertCard
+from mode_ray.models.checkpoint import load_card, save_expert
+from mode_ray.models.conditions import one_hot
+from mode_ray.models.unet import UNET_PRESETS, UNet
+from mode_ray.routing.bundle import save_gate
+from mode_ray.routing.gates import LearnedGateConfig, LearnedGateNet
+from mode_ray.train.classifier import Classifier, save_classifier
+from mode_ray.train.data import Dataset, load_dataset
+from mode_ray.train.partitions import partition, shard_spec
+
+JobKind = Literal["expert", "dense", "gate", "classifier"]
+
+
+@dataclass
+class JobConfig:
+    """Everything a training job needs; travels to the workers as a dict."""
+
+    kind: JobKind
+    name: str
+    dataset: str = "mnist"
+    partition: str = "all"
+    shard: int = 0
+    preset: str = "s"
+    steps: int = 2000
+    batch_size: int = 64  # global: split over the workers
+    lr: float = 2e-3
+    warmup: int = 100
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.1
+    seed: int = 0
+    log_every: int = 100
+    threads: int = 0  # torch threads per worker; 0 = the worker's CPUs
+    gate_experts: list[str] = field(default_factory=list)  # gate: output rows, one per shard of `partition`
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _flops_per_sample(model: torch.nn.Module, shape: tuple[int, ...], cond_dim: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, *shape), torch.ones(1), torch.zeros(1, cond_dim) if cond_dim else None)
+    return int(counter.get_total_flops())
+
+
+def _shard_data(cfg: JobConfig) -> tuple[Dataset, list[torch.Tensor]]:
+    data = load_dataset(cfg.dataset, "train")
+    return data, partition(data, cfg.partition, cfg.seed)
+
+
+def _lr(cfg: JobConfig, step: int) -> float:
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup))
+    return cfg.lr * warm * (0.5 * (1 + math.cos(math.pi * step / cfg.steps)) * 0.9 + 0.1)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The function every Ray Train worker runs."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = JobConfig(**config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = ray.train.torch.get_device()
+    data, parts = _shard_data(cfg)
+    if cfg.kind == "gate":
+        index = torch.cat(parts)
+        targets = torch.cat([torch.full((len(p),), k) for k, p in enumerate(parts)])
+    else:
+        index = parts[cfg.shard] if cfg.kind in ("expert",) else torch.cat(parts)
+        targets = data.labels[index]
+    images = data.images[index]
+    labels = data.labels[index]
+    dim = len(data.class_names)
+    model = _build_model(cfg, dim, tuple(images.shape[1:]))
+    flops = _flops_per_sample(model, tuple(images.shape[1:]), dim) if cfg.kind in ("expert", "dense") else 0
+    ema = copy.deepcopy(model).requires_grad_(False)
+    model = ray.train.torch.prepare_model(model)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    local_batch = max(1, cfg.batch_size // world)
+    t0, seen, running = time.time(), 0, 0.0
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(cfg, step)
+        idx = torch.randint(len(images), (local_batch,), generator=g)
+        x0, y, t = images[idx].to(device), labels[idx], targets[idx].to(device)
+        loss = _loss(cfg, model, x0, y, t, dim, g, device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            src = model.module if hasattr(model, "module") else model
+            for p_ema, p in zip(ema.parameters(), src.parameters(), strict=True):
+                p_ema.lerp_(p, 1 - decay)
+            for b_ema, b in zip(ema.buffers(), src.buffers(), strict=True):
+                b_ema.copy_(b)
+        seen += local_batch * world
+        running += loss.item()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            elapsed = time.time() - t0
+            n = (step % cfg.log_every) + 1
+            metrics = {"step": step + 1, "loss": running / n, "images_per_s": seen / elapsed, "elapsed_s": elapsed}
+            if rank == 0:
+                print(f"[{cfg.kind} {cfg.name}] step {step + 1}/{cfg.steps} loss {running / n:.4f} "
+                      f"{seen / elapsed:.0f} img/s {elapsed:.0f}s", flush=True)
+            running = 0.0
+            if step + 1 < cfg.steps:
+                ray.train.report(metrics)
+    elapsed = time.time() - t0
+    summary = {"train_steps": cfg.steps, "train_seconds": round(elapsed, 1), "train_examples": seen,
+               "train_flops": 3 * flops * seen, "final_loss": metrics["loss"], "workers": world}
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            _save(cfg, ema.cpu(), Path(tmp), data, parts, summary)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+
+def _build_model(cfg: JobConfig, dim: int, shape: tuple[int, ...]) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed)
+    if cfg.kind in ("expert", "dense"):
+        if cfg.preset not in UNET_PRESETS:
+            raise ValueError(f"preset must be one of {sorted(UNET_PRESETS)}, got {cfg.preset!r}")
+        unet_cfg = UNET_PRESETS[cfg.preset]
+        unet_cfg = type(unet_cfg)(**{**unet_cfg.to_dict(), "in_channels": shape[0], "cond_dim": dim})
+        return EDMPrecond(UNet(unet_cfg))
+    if cfg.kind == "gate":
+        return LearnedGateNet(LearnedGateConfig(tuple(cfg.gate_experts), in_channels=shape[0], cond_dim=dim))
+    return Classifier(classes=dim, in_channels=shape[0])
+
+
+def _loss(cfg, model, x0, y, t, dim, g, device) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    b = x0.shape[0]
+    if cfg.kind == "classifier":
+        shift = torch.randint(-2, 3, (2,), generator=g).tolist()  # small translations
+        return F.cross_entropy(model(torch.roll(x0, shifts=shift, dims=(2, 3))), t)
+    drop = torch.rand(b, generator=g) < cfg.cond_dropout
+    cond = one_hot(torch.where(drop, -1, y), dim).to(device)
+    if cfg.kind == "gate":
+        # the gate is queried over the whole sampling range, so train it log-uniformly over [0.002, 80]
+        sigma = torch.exp(torch.empty(b).uniform_(math.log(0.002), math.log(80), generator=g)).to(device)
+        x = x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g).to(device)
+        return F.nll_loss(model(x, sigma, cond), t)
+    sigma = sample_training_sigmas(b, g).to(device)
+    return edm_loss(model, x0, sigma, cond, torch.randn(x0.shape, generator=g).to(device)).mean()
+
+
+def _save(cfg: JobConfig, model, out: Path, data: Dataset, parts, summary: dict) -> None:  # type: ignore[no-untyped-def]
+    dim = len(data.class_names)
+    if cfg.kind == "gate":
+        save_gate(out, model, {**summary, "partition": cfg.partition})
+        return
+    if cfg.kind == "classifier":
+        test = load_dataset(cfg.dataset, "test")
+        with torch.no_grad():
+            acc = float((model(test.images).argmax(1) == test.labels).float().mean())
+        save_classifier(out, model, {**summary, "test_accuracy": round(acc, 4)})
+        return
+    index = parts[cfg.shard] if cfg.kind == "expert" else torch.cat(parts)
+    labels = data.labels[index]
+    counts = torch.bincount(labels[labels >= 0], minlength=dim)
+    prototype = (counts.float() / counts.sum().clamp(min=1)).tolist()
+    net = model.net
+    card = ExpertCard(
+        name=cfg.name,
+        backbone="unet",
+        backbone_config=net.config.to_dict(),
+        latent_shape=tuple(data.images.shape[1:]),
+        condition=Condition(type="class_label", dim=dim, names=list(data.class_names)),
+        prototype=prototype,
+        guidance_dropout=cfg.cond_dropout,
+        data=DataSummary(
+            dataset=cfg.dataset,
+            partition=shard_spec(cfg.partition, cfg.shard) if cfg.kind == "expert" else cfg.partition,
+            num_examples=len(index),
+            label_counts={data.class_names[i]: int(c) for i, c in enumerate(counts) if c > 0},
+        ),
+        metrics={**summary, "preset": cfg.preset, "batch_size": cfg.batch_size, "lr": cfg.lr},
+    )
+    save_expert(out, card, model)
+
+
+def fit(cfg: JobConfig, out: Path, workers: int = 1, cpus_per_worker: int = 1, use_gpu: bool = False,
+        storage: Path | None = None) -> Path:
+    """Run one job as a Ray Train `TorchTrainer` and copy its final checkpoint to `out`."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = (storage or Path("runs") / "ray_train").resolve()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**asdict(cfg), "threads": cfg.threads or cpus_per_worker},
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
+        run_config=RunConfig(name=f"{cfg.kind}-{cfg.name}-{int(time.time())}", storage_path=str(storage)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training job {cfg.kind} {cfg.name!r} finished without a checkpoint")
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    result.checkpoint.to_directory(str(out))
+    return out
+
+
+def steps_for_compute(expert_dirs: list[Path], preset: str, batch_size: int, shape=(1, 28, 28), dim=10) -> int:  # type: ignore[no-untyped-def]
+    """Training steps that give a `preset` model the same total training FLOPs as the given experts."""
+    total = sum(int(load_card(d).metrics.get("train_flops", 0)) for d in expert_dirs)
+    if total <= 0:
+        raise ValueError(f"no train_flops recorded in the cards of {[str(d) for d in expert_dirs]}")
+    cfg = JobConfig(kind="dense", name="probe", preset=preset)
+    per_sample = 3 * _flops_per_sample(_build_model(cfg, dim, shape), shape, dim)
+    return max(1, round(total / (per_sample * batch_size)))

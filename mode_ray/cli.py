@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="mode_ray: serve and train a Mixture of Diffusion Experts on Ray.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
-train_app = typer.Typer(help="Train experts, the learned gate, dense baselines and the eval classifier (Ray Train).",
-                        no_args_is_help=True)
+app = typer.Typer(
+    help="mode_ray: serve and train a Mixture of Diffusion Experts on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+train_app = typer.Typer(
+    help="Train experts, the learned gate, dense baselines and the eval classifier (Ray Train).",
+    no_args_is_help=True,
+)
 app.add_typer(train_app, name="train")
 
 DEFAULT_MODEL = Path(__file__).parent / "pretrained" / "mnist"
@@ -22,19 +27,26 @@ Batch = Annotated[int, typer.Option(help="global batch size, split over the work
 Workers = Annotated[int, typer.Option(help="Ray Train workers per job (data parallel)")]
 CpusPerWorker = Annotated[int, typer.Option(help="CPUs (and torch threads) per worker")]
 Gpu = Annotated[bool, typer.Option("--gpu/--no-gpu", help="one GPU per worker")]
-Address = Annotated[Optional[str], typer.Option(help="join this Ray cluster (default: start a local one)")]
-NumCpus = Annotated[Optional[int], typer.Option(help="CPUs for a local Ray cluster (default: all)")]
+Address = Annotated[str | None, typer.Option(help="join this Ray cluster (default: start a local one)")]
+NumCpus = Annotated[int | None, typer.Option(help="CPUs for a local Ray cluster (default: all)")]
 Seed = Annotated[int, typer.Option(help="random seed")]
 Lr = Annotated[float, typer.Option(help="peak learning rate (Adam, warmup then cosine)")]
-Dataset = Annotated[str, typer.Option(help="'mnist', an .npz with images/labels, or a folder of class folders")]
+Dataset = Annotated[
+    str, typer.Option(help="'mnist', an .npz with images/labels, or a folder of class folders")
+]
 
 
 def _ray(address: str | None, num_cpus: int | None) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 log_to_driver=True, runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_pythonpath())}})
+        ray.init(
+            address=address,
+            num_cpus=None if address else num_cpus,
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_pythonpath())}},
+        )
 
 
 def _pythonpath() -> list[str]:
@@ -51,21 +63,41 @@ def _job(**kw):  # type: ignore[no-untyped-def]
 @train_app.command("experts")
 def train_experts_cmd(
     out: Annotated[Path, typer.Option(help="mixture directory to write (experts/<name>/, mixture.json)")],
-    partition: Annotated[str, typer.Option(help="'labels:0,6|1,7|...' (label groups) or 'kmeans:<k>'")] = DEFAULT_PARTITION,
-    shard: Annotated[Optional[list[int]], typer.Option(help="train only these shards (repeatable)")] = None,
+    partition: Annotated[
+        str, typer.Option(help="'labels:0,6|1,7|...' (label groups) or 'kmeans:<k>'")
+    ] = DEFAULT_PARTITION,
+    shard: Annotated[list[int] | None, typer.Option(help="train only these shards (repeatable)")] = None,
     preset: Annotated[str, typer.Option(help="UNet size preset (xs, s, s2, m, l)")] = "s",
-    steps: Steps = 2000, batch_size: Batch = 64, lr: Lr = 2e-3,
-    cond_dropout: Annotated[float, typer.Option(help="probability of the null condition (enables guidance)")] = 0.1,
-    dataset: Dataset = "mnist", workers: Workers = 1, cpus_per_worker: CpusPerWorker = 1,
+    steps: Steps = 2000,
+    batch_size: Batch = 64,
+    lr: Lr = 2e-3,
+    cond_dropout: Annotated[
+        float, typer.Option(help="probability of the null condition (enables guidance)")
+    ] = 0.1,
+    dataset: Dataset = "mnist",
+    workers: Workers = 1,
+    cpus_per_worker: CpusPerWorker = 1,
     parallel: Annotated[int, typer.Option(help="experts trained at the same time")] = 2,
-    gpu: Gpu = False, seed: Seed = 0, address: Address = None, num_cpus: NumCpus = None,
+    gpu: Gpu = False,
+    seed: Seed = 0,
+    address: Address = None,
+    num_cpus: NumCpus = None,
 ) -> None:
     """Train one expert per shard of a partition, each in its own isolated TorchTrainer job."""
     from mode_ray.train.jobs import train_experts
 
     _ray(address, num_cpus)
-    base = _job(kind="expert", name="x", dataset=dataset, preset=preset, steps=steps, batch_size=batch_size, lr=lr,
-                cond_dropout=cond_dropout, seed=seed)
+    base = _job(
+        kind="expert",
+        name="x",
+        dataset=dataset,
+        preset=preset,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        cond_dropout=cond_dropout,
+        seed=seed,
+    )
     for p in train_experts(out, partition, base, workers, cpus_per_worker, parallel, gpu, shard):
         typer.echo(f"wrote {p}")
 
@@ -73,8 +105,14 @@ def train_experts_cmd(
 @train_app.command("gate")
 def train_gate_cmd(
     mixture: Annotated[Path, typer.Option(help="mixture directory whose experts the gate routes between")],
-    steps: Steps = 1500, batch_size: Batch = 128, lr: Lr = 2e-3, workers: Workers = 1,
-    cpus_per_worker: CpusPerWorker = 2, gpu: Gpu = False, seed: Seed = 0, address: Address = None,
+    steps: Steps = 1500,
+    batch_size: Batch = 128,
+    lr: Lr = 2e-3,
+    workers: Workers = 1,
+    cpus_per_worker: CpusPerWorker = 2,
+    gpu: Gpu = False,
+    seed: Seed = 0,
+    address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
     """Train the learned gate p(k | x, sigma, cond) on the experts' partitions."""
@@ -89,12 +127,22 @@ def train_gate_cmd(
 def train_dense_cmd(
     out: Annotated[Path, typer.Option(help="directory of the one-expert mixture to write")],
     preset: Annotated[str, typer.Option(help="UNet size preset (xs, s, s2, m, l)")] = "s2",
-    steps: Annotated[Optional[int], typer.Option(help="optimizer steps (default: from --match-compute)")] = None,
-    match_compute: Annotated[Optional[Path], typer.Option(
-        help="a mixture directory: train for the same total FLOPs as all its experts together")] = None,
-    batch_size: Batch = 64, lr: Lr = 2e-3, cond_dropout: Annotated[float, typer.Option(
-        help="probability of the null condition")] = 0.1, dataset: Dataset = "mnist", workers: Workers = 1,
-    cpus_per_worker: CpusPerWorker = 2, gpu: Gpu = False, seed: Seed = 0, address: Address = None,
+    steps: Annotated[
+        int | None, typer.Option(help="optimizer steps (default: from --match-compute)")
+    ] = None,
+    match_compute: Annotated[
+        Path | None,
+        typer.Option(help="a mixture directory: train for the same total FLOPs as all its experts together"),
+    ] = None,
+    batch_size: Batch = 64,
+    lr: Lr = 2e-3,
+    cond_dropout: Annotated[float, typer.Option(help="probability of the null condition")] = 0.1,
+    dataset: Dataset = "mnist",
+    workers: Workers = 1,
+    cpus_per_worker: CpusPerWorker = 2,
+    gpu: Gpu = False,
+    seed: Seed = 0,
+    address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
     """Train a dense baseline of the same backbone family on all the data."""
@@ -109,25 +157,324 @@ def train_dense_cmd(
         steps = steps_for_compute(dirs, preset, batch_size)
         typer.echo(f"{preset}: {steps} steps match the training compute of {match_compute}")
     _ray(address, num_cpus)
-    base = _job(kind="dense", name="dense", dataset=dataset, preset=preset, steps=steps, batch_size=batch_size,
-                lr=lr, cond_dropout=cond_dropout, seed=seed)
+    base = _job(
+        kind="dense",
+        name="dense",
+        dataset=dataset,
+        preset=preset,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        cond_dropout=cond_dropout,
+        seed=seed,
+    )
     typer.echo(f"wrote {train_dense(out, base, workers, cpus_per_worker, gpu)}")
 
 
 @train_app.command("classifier")
 def train_classifier_cmd(
     out: Annotated[Path, typer.Option(help="directory to write (classifier.json, model.safetensors)")],
-    steps: Steps = 1500, batch_size: Batch = 128, lr: Lr = 2e-3, dataset: Dataset = "mnist",
-    workers: Workers = 1, cpus_per_worker: CpusPerWorker = 2, gpu: Gpu = False, seed: Seed = 0,
-    address: Address = None, num_cpus: NumCpus = None,
+    steps: Steps = 1500,
+    batch_size: Batch = 128,
+    lr: Lr = 2e-3,
+    dataset: Dataset = "mnist",
+    workers: Workers = 1,
+    cpus_per_worker: CpusPerWorker = 2,
+    gpu: Gpu = False,
+    seed: Seed = 0,
+    address: Address = None,
+    num_cpus: NumCpus = None,
 ) -> None:
     """Train the evaluation classifier (accuracy judge and FID feature extractor) on the training split."""
     from mode_ray.train.loops import fit
 
     _ray(address, num_cpus)
-    cfg = _job(kind="classifier", name="classifier", dataset=dataset, steps=steps, batch_size=batch_size, lr=lr,
-               seed=seed, ema_decay=0.99)
+    cfg = _job(
+        kind="classifier",
+        name="classifier",
+        dataset=dataset,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        ema_decay=0.99,
+    )
     typer.echo(f"wrote {fit(cfg, out, workers, cpus_per_worker, gpu)}")
+
+
+def _write_output(out: Path, images, labels: list[int], trace: list[dict], nrow: int | None) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    import numpy as np
+
+    from mode_ray.routing.images import save_grid
+
+    if out.suffix == ".npz":
+        np.savez(
+            out,
+            images=images.numpy().astype(np.float32),
+            labels=np.asarray(labels, np.int64),
+            trace=np.asarray(json.dumps(trace)),
+        )
+    elif out.suffix == ".png":
+        save_grid(images, out, nrow)
+    else:
+        raise typer.BadParameter(f"--out must end in .png or .npz, got {out}")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[
+        str | None, typer.Option(help="class to draw: 7, 'seven', 'digit 7'; omit for unconditional")
+    ] = None,
+    num_images: Annotated[int, typer.Option(help="images to generate")] = 16,
+    seed: Annotated[
+        int | None, typer.Option(help="random seed; the same seed gives the same images")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="sampler steps (default: the model's)")] = None,
+    sampler: Annotated[
+        str | None, typer.Option(help="euler, ddim, heun or dpmpp_2m (default: the model's)")
+    ] = None,
+    guidance_scale: Annotated[
+        float | None, typer.Option(help="classifier-free guidance (1 = off)")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="experts per step (default: the model's)")] = None,
+    top_p: Annotated[
+        float | None, typer.Option(help="adaptive k: smallest expert set with this mass")
+    ] = None,
+    expert: Annotated[
+        list[str] | None, typer.Option(help="pin routing to these experts (repeatable)")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="never route to these experts (repeatable)")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option(help="grid.png (image grid) or samples.npz (raw images, labels, trace)")
+    ] = Path("grid.png"),
+    local: Annotated[
+        bool, typer.Option("--local", help="run the mixture in this process (no Ray Serve)")
+    ] = False,
+    model: Annotated[Path, typer.Option(help="mixture directory for --local")] = DEFAULT_MODEL,
+    url: Annotated[
+        str, typer.Option(help="a running `mode-ray serve` (without --local)")
+    ] = "http://127.0.0.1:8000",
+) -> None:
+    """Generate images from the shipped mixture in-process (--local) or from a running cluster (--url)."""
+    fields = {
+        "prompt": prompt,
+        "num_images": num_images,
+        "seed": seed,
+        "steps": steps,
+        "sampler": sampler,
+        "guidance_scale": guidance_scale,
+        "top_k": top_k,
+        "top_p": top_p,
+        "experts": expert or [],
+        "exclude_experts": exclude or [],
+    }
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if local:
+        from mode_ray.routing import GenerateParams, generate_local, load_bundle
+
+        try:
+            params = GenerateParams(**fields)
+            bundle = load_bundle(model)
+            gen = generate_local(bundle.mixture, bundle.config, bundle.encoder, params)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        _write_output(out, gen.images, gen.labels, [t.to_dict() for t in gen.trace], None)
+        typer.echo(f"wrote {out} ({num_images} images, seed {gen.seed})")
+        return
+    from mode_ray.serve.client import ClusterError, generate_remote
+
+    try:
+        result = generate_remote(url, fields)
+    except ClusterError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    _write_output(out, result.images, result.labels, result.trace, None)
+    typer.echo(f"wrote {out} ({num_images} images, seed {result.seed}) from {url}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[list[Path], typer.Option(help="mixture directories to compare (repeatable)")],
+    classifier: Annotated[Path, typer.Option(help="evaluation classifier directory")] = DEFAULT_MODEL
+    / "classifier",
+    out: Annotated[Path, typer.Option(help="directory for results.json, results.md and sample grids")] = Path(
+        "runs/eval"
+    ),
+    num_samples: Annotated[
+        int, typer.Option(help="class-conditional samples per model (split evenly by class)")
+    ] = 1000,
+    steps: Annotated[int | None, typer.Option(help="sampler steps (default: each model's)")] = None,
+    sampler: Annotated[str | None, typer.Option(help="sampler (default: each model's)")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="guidance (default: each model's)")] = None,
+    top_k: Annotated[int | None, typer.Option(help="experts per step (default: each model's)")] = None,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Accuracy, classifier-FID and denoising loss per sigma bucket for each model, side by side."""
+    import torch
+
+    from mode_ray.routing import load_bundle
+    from mode_ray.train.classifier import load_classifier
+    from mode_ray.train.data import load_mnist
+    from mode_ray.train.evaluate import evaluate, markdown_table, write_report
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    judge, test = load_classifier(classifier), load_mnist("test")
+    results, grids = [], {}
+    for path in model:
+        bundle = load_bundle(path)
+        result, images, labels = evaluate(
+            bundle, judge, test, num_samples, steps, sampler, guidance_scale, top_k, seed
+        )
+        results.append(result)
+        per_class = len(images) // bundle.encoder.dim
+        pick = (
+            torch.cat([torch.arange(8) + c * per_class for c in range(bundle.encoder.dim)])
+            if per_class >= 8
+            else (torch.arange(len(images)))
+        )
+        grids[bundle.config.name] = (
+            images[pick.reshape(bundle.encoder.dim, -1).T.flatten()] if per_class >= 8 else (images)
+        )
+        typer.echo(f"{bundle.config.name}: accuracy {result.accuracy:.3f} FID {result.fid:.2f}")
+    write_report(out, results, grids)
+    typer.echo(markdown_table(results))
+
+
+experts_app = typer.Typer(help="List, hot-add and remove experts of a running cluster.", no_args_is_help=True)
+app.add_typer(experts_app, name="experts")
+Url = Annotated[str, typer.Option(help="the cluster's HTTP address")]
+Token = Annotated[
+    str | None, typer.Option(envvar="MODE_RAY_ADMIN_TOKEN", help="admin token (env MODE_RAY_ADMIN_TOKEN)")
+]
+
+
+def _cluster(call):  # type: ignore[no-untyped-def]
+    import json
+
+    from mode_ray.serve.client import ClusterError
+
+    try:
+        typer.echo(json.dumps(call(), indent=2))
+    except ClusterError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+
+
+@experts_app.command("list")
+def experts_list(url: Url = "http://127.0.0.1:8000") -> None:
+    """The registered experts, their state and the registry version."""
+    from mode_ray.serve.client import list_experts
+
+    def brief() -> dict:
+        listing = list_experts(url)
+        return {
+            "registry_version": listing["registry_version"],
+            "experts": [
+                {k: e[k] for k in ("name", "version", "endpoint", "state")} for e in listing["experts"]
+            ],
+        }
+
+    _cluster(brief)
+
+
+@experts_app.command("add")
+def experts_add(
+    path: Annotated[str, typer.Argument(help="expert directory (under the cluster's expert root)")],
+    endpoint: Annotated[
+        str, typer.Option(help="'serve' to deploy it, or host:port of an OIP server")
+    ] = "serve",
+    url: Url = "http://127.0.0.1:8000",
+    token: Token = None,
+) -> None:
+    """Hot-add an expert: validated, deployed as its own Serve app, routable once it answers ModelReady."""
+    from mode_ray.serve.client import add_expert
+
+    _cluster(lambda: add_expert(url, path, token, endpoint))
+
+
+@experts_app.command("remove")
+def experts_remove(
+    name: Annotated[str, typer.Argument(help="expert name")],
+    url: Url = "http://127.0.0.1:8000",
+    token: Token = None,
+) -> None:
+    """Drain an expert (requests in flight finish with it), then delete its Serve app."""
+    from mode_ray.serve.client import remove_expert
+
+    _cluster(lambda: remove_expert(url, name, token))
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Option(help="mixture directory the cluster starts with")] = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option(help="HTTP bind address (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (generation API and the experts' OIP)")] = 9000,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="registry directory (env MODE_RAY_STATE_DIR)")
+    ] = None,
+    expert_root: Annotated[Path | None, typer.Option(help="hot-added experts must live here")] = None,
+    expert_cpus: Annotated[float, typer.Option(help="CPUs per expert replica")] = 0.25,
+    expert_gpus: Annotated[
+        float, typer.Option(help="GPUs per expert replica (fractions pack experts)")
+    ] = 0.0,
+    max_replicas: Annotated[int, typer.Option(help="autoscaling ceiling per expert")] = 2,
+    router_cpus: Annotated[float, typer.Option(help="CPUs of the router replica")] = 0.5,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="ignore the saved registry and start from --model")
+    ] = False,
+    address: Address = None,
+    num_cpus: NumCpus = None,
+) -> None:
+    """Start Ray (or join --address) and Serve with the mixture; Ctrl-C stops it cleanly."""
+    import signal
+    import time
+
+    from ray import serve as ray_serve
+    from ray.serve.config import gRPCOptions
+
+    from mode_ray import env as mr_env
+    from mode_ray.serve.app import build_app
+    from mode_ray.serve.config import APP_NAME, GRPC_SERVICER_FUNCTIONS, AppArgs
+
+    args = AppArgs(
+        model_dir=model.resolve(),
+        state_dir=(state_dir or mr_env.state_dir()).resolve(),
+        expert_root=expert_root.resolve() if expert_root else None,
+        grpc_target=f"127.0.0.1:{grpc_port}",
+        restore=not fresh,
+        expert={"num_cpus": expert_cpus, "num_gpus": expert_gpus, "max_replicas": max_replicas},
+        router={"num_cpus": router_cpus},
+    )
+    _ray(address, num_cpus)
+    ray_serve.start(
+        http_options={"host": host, "port": port},
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
+    )
+    typer.echo("deploying the router and the experts ...")
+    ray_serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+    typer.echo(
+        f"HTTP  http://{host}:{port}/v1/generate   (GET /v1/experts, GET /healthz)\n"
+        f"gRPC  {host}:{grpc_port}  mode_ray.v1.GenerationService, experts via inference.GRPCInferenceService\n"
+        f"admin API {'on' if mr_env.admin_token() else 'off (set MODE_RAY_ADMIN_TOKEN to enable)'}\n"
+        "Ctrl-C to stop."
+    )
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        while not stop["now"]:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    typer.echo("stopping ...")
+    ray_serve.shutdown()
+    import ray
+
+    ray.shutdown()
 
 
 def main() -> None:

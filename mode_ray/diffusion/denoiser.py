@@ -52,4 +52,6 @@ def sigma_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
 def log_uniform_check(sigma_min: float, sigma_max: float) -> None:
     """Validate a sigma range, naming the offending value."""
     if not (0 < sigma_min < sigma_max) or not math.isfinite(sigma_max):
-        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        raise ValueError(
+            f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}"
+        )

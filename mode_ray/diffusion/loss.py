@@ -8,7 +8,10 @@ from mode_ray.diffusion.denoiser import Denoiser
 
 
 def sample_training_sigmas(
-    batch: int, generator: torch.Generator | None = None, p_mean: float = -1.2, p_std: float = 1.2,
+    batch: int,
+    generator: torch.Generator | None = None,
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Log-normal training noise levels `ln sigma ~ N(p_mean, p_std^2)`. Returns (batch,)."""
@@ -16,8 +19,12 @@ def sample_training_sigmas(
 
 
 def edm_loss(
-    model: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None,
-    noise: torch.Tensor, sigma_data: float = 0.5,
+    model: Denoiser,
+    x0: torch.Tensor,
+    sigma: torch.Tensor,
+    cond: torch.Tensor | None,
+    noise: torch.Tensor,
+    sigma_data: float = 0.5,
 ) -> torch.Tensor:
     """Per-row weighted denoising loss `lambda(sigma) ||D(x0 + sigma n) - x0||^2`.
 

@@ -1,7 +1,14 @@
 """Expert backbones, the expert card and checkpoint format, condition encoders, the diffusers adapter."""
 
 from mode_ray.models.card import ExpertCard
-from mode_ray.models.checkpoint import CheckpointError, Expert, build_denoiser, load_card, load_expert, save_expert
+from mode_ray.models.checkpoint import (
+    CheckpointError,
+    Expert,
+    build_denoiser,
+    load_card,
+    load_expert,
+    save_expert,
+)
 from mode_ray.models.conditions import ClassLabelEncoder, ConditionEncoder
 from mode_ray.models.unet import UNET_PRESETS, UNet, UNetConfig
 

@@ -78,7 +78,9 @@ class ExpertCard(BaseModel):
     @model_validator(mode="after")
     def _prototype_dim(self) -> ExpertCard:
         if self.prototype is not None and len(self.prototype) != self.condition.dim:
-            raise ValueError(f"prototype has {len(self.prototype)} values, condition.dim is {self.condition.dim}")
+            raise ValueError(
+                f"prototype has {len(self.prototype)} values, condition.dim is {self.condition.dim}"
+            )
         return self
 
     def save(self, path: Path) -> None:
@@ -93,7 +95,9 @@ class ExpertCard(BaseModel):
         for field in ("formulation", "latent_shape", "condition"):
             mine, theirs = getattr(self, field), getattr(other, field)
             if mine != theirs:
-                raise ValueError(f"expert {other.name!r}: {field} {theirs!r} differs from the mixture's {mine!r}")
+                raise ValueError(
+                    f"expert {other.name!r}: {field} {theirs!r} differs from the mixture's {mine!r}"
+                )
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

@@ -86,7 +86,11 @@ def load_state(path: Path, expected: dict[str, torch.Tensor], what: str) -> dict
     """Load safetensors from `path` and check names and shapes against `expected` (a state_dict)."""
     if not path.is_file():
         pickles = sorted(p.name for p in path.parent.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        hint = f"; found {pickles}: pickle checkpoints are never loaded, convert to safetensors" if pickles else ""
+        hint = (
+            f"; found {pickles}: pickle checkpoints are never loaded, convert to safetensors"
+            if pickles
+            else ""
+        )
         raise CheckpointError(f"{what}: {path} is missing{hint}")
     try:
         state = load_file(str(path))

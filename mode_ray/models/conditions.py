@@ -36,12 +36,14 @@ class ClassLabelEncoder:
     def label(self, prompt: str | int) -> int:
         """The class index of one prompt; a ValueError that lists the accepted forms otherwise."""
         if isinstance(prompt, bool):
-            raise ValueError(f"prompt must be a class index or name, got {prompt!r}")
+            raise ValueError(f"prompt {prompt!r} is not a known class: use a class index or name")
         if isinstance(prompt, int):
             if 0 <= prompt < self.dim:
                 return prompt
         else:
-            text = re.sub(rf"^\s*(a\s+|an\s+)?{re.escape(self.noun)}\s+", "", str(prompt).strip().lower()).strip()
+            text = re.sub(
+                rf"^\s*(a\s+|an\s+)?{re.escape(self.noun)}\s+", "", str(prompt).strip().lower()
+            ).strip()
             if text.isdigit() and 0 <= int(text) < self.dim:
                 return int(text)
             if text in self.names:

@@ -30,7 +30,9 @@ class DiffusersVPAdapter(nn.Module):
     def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str) -> None:
         super().__init__()
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}")
+            raise ValueError(
+                f"prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}"
+            )
         self.unet = unet
         self.prediction_type = prediction_type
         sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()

@@ -31,7 +31,9 @@ class UNetConfig:
         if any(c % self.groups for c in self.channels):
             raise ValueError(f"every channel count must divide by groups={self.groups}, got {self.channels}")
         if any(not 0 <= a < len(self.channels) for a in self.attention_levels):
-            raise ValueError(f"attention_levels must index channels {self.channels}, got {self.attention_levels}")
+            raise ValueError(
+                f"attention_levels must index channels {self.channels}, got {self.attention_levels}"
+            )
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -43,7 +45,9 @@ UNET_PRESETS: dict[str, UNetConfig] = {
     "s": UNetConfig(channels=(16, 32, 48), emb_dim=64),  # 0.44M (93 MFLOP): one CPU expert
     "s2": UNetConfig(channels=(24, 48, 64), emb_dim=64),  # 0.80M (194 MFLOP): dense = top-2 active params
     "m": UNetConfig(channels=(32, 64, 96), emb_dim=96),  # 1.69M (369 MFLOP): dense = four experts' total
-    "l": UNetConfig(channels=(128, 256, 256), blocks_per_level=2, attention_levels=(1, 2), emb_dim=512),  # 27M: GPU
+    "l": UNetConfig(
+        channels=(128, 256, 256), blocks_per_level=2, attention_levels=(1, 2), emb_dim=512
+    ),  # 27M: GPU
 }
 
 
@@ -53,7 +57,9 @@ class FourierEmbedding(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         half = dim // 2
-        self.register_buffer("freqs", torch.exp(-math.log(10_000) * torch.arange(half) / half), persistent=False)
+        self.register_buffer(
+            "freqs", torch.exp(-math.log(10_000) * torch.arange(half) / half), persistent=False
+        )
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         angles = c_noise[:, None] * 1000 * self.freqs[None]  # (B, dim/2)
@@ -122,7 +128,9 @@ class UNet(nn.Module):
             if level < len(cfg.channels) - 1:
                 self.down.append(nn.AvgPool2d(2))
                 skips.append(c)
-        self.mid = nn.ModuleList([ResBlock(c, c, e, cfg.groups), Attention(c, cfg.groups), ResBlock(c, c, e, cfg.groups)])
+        self.mid = nn.ModuleList(
+            [ResBlock(c, c, e, cfg.groups), Attention(c, cfg.groups), ResBlock(c, c, e, cfg.groups)]
+        )
         for level in reversed(range(len(cfg.channels))):
             for _ in range(cfg.blocks_per_level + 1):
                 self.up.append(ResBlock(c + skips.pop(), cfg.channels[level], e, cfg.groups))
@@ -131,11 +139,15 @@ class UNet(nn.Module):
                     self.up.append(Attention(c, cfg.groups))
             if level > 0:
                 self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
-        self.head = nn.Sequential(nn.GroupNorm(cfg.groups, c), nn.SiLU(), nn.Conv2d(c, cfg.in_channels, 3, padding=1))
+        self.head = nn.Sequential(
+            nn.GroupNorm(cfg.groups, c), nn.SiLU(), nn.Conv2d(c, cfg.in_channels, 3, padding=1)
+        )
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h_in, w_in = x.shape[-2:]
         m = 2 ** (len(self.config.channels) - 1)
         pad_h, pad_w = (-h_in) % m, (-w_in) % m

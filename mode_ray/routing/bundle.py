@@ -1,8 +1,8 @@
 """A mixture directory: `mixture.json`, `experts/<name>/`, `gate/` (learned gate), optional `classifier/`.
 
-    mixture.json   MixtureConfig: expert names, gate composition, top_k/top_p, sampling defaults
-    experts/<n>/   expert.json + model.safetensors (see mode_ray.models.checkpoint)
-    gate/          gate.json + model.safetensors (LearnedGateNet)
+mixture.json   MixtureConfig: expert names, gate composition, top_k/top_p, sampling defaults
+experts/<n>/   expert.json + model.safetensors (see mode_ray.models.checkpoint)
+gate/          gate.json + model.safetensors (LearnedGateNet)
 """
 
 from __future__ import annotations
@@ -71,7 +71,10 @@ class MixtureBundle:
 def save_gate(path: str | Path, net: LearnedGateNet, metrics: dict | None = None) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(path / "model.safetensors"))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+        str(path / "model.safetensors"),
+    )
     card = {"kind": "learned", "config": net.config.to_dict(), "metrics": metrics or {}}
     import json
 

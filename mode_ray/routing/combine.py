@@ -14,7 +14,9 @@ def dispatch(routing: Routing) -> dict[int, torch.Tensor]:
     return {e: routing.rows_of(e) for e in routing.experts()}
 
 
-def combine(routing: Routing, outputs: Mapping[int, torch.Tensor], rows: Mapping[int, torch.Tensor]) -> torch.Tensor:
+def combine(
+    routing: Routing, outputs: Mapping[int, torch.Tensor], rows: Mapping[int, torch.Tensor]
+) -> torch.Tensor:
     """Weighted sum of expert outputs.
 
     outputs[e]: (R_e, C, H, W) for the rows rows[e] of expert e. Returns (B, C, H, W). The sum runs over

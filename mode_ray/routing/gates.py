@@ -44,7 +44,9 @@ class PrototypeGate(Gate):
         for k, card in enumerate(experts):
             if card.prototype is not None:
                 mu = torch.tensor(card.prototype, dtype=cond.dtype, device=cond.device)
-                logits[:, k] = F.cosine_similarity(cond, mu[None], dim=1, eps=1e-8) / self.tau  # zero cond -> 0
+                logits[:, k] = (
+                    F.cosine_similarity(cond, mu[None], dim=1, eps=1e-8) / self.tau
+                )  # zero cond -> 0
         return logits
 
 
@@ -83,13 +85,22 @@ class LearnedGateNet(nn.Module):
         self.config = c = config
         w = c.width
         self.features = nn.Sequential(
-            nn.Conv2d(c.in_channels, w, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2),  # (B, w, H/2, W/2)
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2),  # (B, 2w, H/4, W/4)
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 2w)
+            nn.Conv2d(c.in_channels, w, 3, padding=1),
+            nn.SiLU(),
+            nn.AvgPool2d(2),  # (B, w, H/2, W/2)
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.SiLU(),
+            nn.AvgPool2d(2),  # (B, 2w, H/4, W/4)
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),  # (B, 2w)
         )
         self.noise = nn.Linear(2, 2 * w)
         self.cond = nn.Linear(c.cond_dim, 2 * w, bias=False) if c.cond_dim else None
-        self.head = nn.Sequential(nn.SiLU(), nn.Linear(2 * w, 2 * w), nn.SiLU(), nn.Linear(2 * w, len(c.experts)))
+        self.head = nn.Sequential(
+            nn.SiLU(), nn.Linear(2 * w, 2 * w), nn.SiLU(), nn.Linear(2 * w, len(c.experts))
+        )
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         s = sigma.to(x.dtype).reshape(-1, 1)  # (B, 1)

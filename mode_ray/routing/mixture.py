@@ -31,7 +31,9 @@ class Mixture(nn.Module):
     x: (B, C, H, W); sigma: (B,); cond: (B, D) or None. Returns x0_hat: (B, C, H, W).
     """
 
-    def __init__(self, experts: Sequence[Expert], gate: Gate, top_k: int = 2, top_p: float | None = None) -> None:
+    def __init__(
+        self, experts: Sequence[Expert], gate: Gate, top_k: int = 2, top_p: float | None = None
+    ) -> None:
         super().__init__()
         validate_experts(experts)
         if top_k < 1:
@@ -54,8 +56,14 @@ class Mixture(nn.Module):
         return allowed_mask(self.names, pin, exclude)
 
     def plan(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None, guidance_scale: float = 1.0,
-        top_k: int | None = None, top_p: float | None = None, allowed: torch.Tensor | None = None,
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: torch.Tensor | None,
+        guidance_scale: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        allowed: torch.Tensor | None = None,
     ) -> StepPlan:
         logits = self.gate(x, sigma, cond, self.cards)  # (B, N)
         k = self.top_k if top_k is None else top_k
@@ -74,7 +82,9 @@ class Mixture(nn.Module):
         return self.evaluate(self.plan(x, sigma, cond))
 
 
-def allowed_mask(names: Sequence[str], pin: Sequence[str] = (), exclude: Sequence[str] = ()) -> torch.Tensor | None:
+def allowed_mask(
+    names: Sequence[str], pin: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> torch.Tensor | None:
     """(N,) bool: True for experts a request may use. None when nothing is pinned or excluded."""
     unknown = [n for n in list(pin) + list(exclude) if n not in names]
     if unknown:

@@ -62,7 +62,9 @@ def plan_step(
     return StepPlan(x, sigma, cond, routing, base, dispatch(routing), guidance_scale)
 
 
-def finish_step(plan: StepPlan, outputs: Mapping[int, torch.Tensor], routing: Routing | None = None) -> torch.Tensor:
+def finish_step(
+    plan: StepPlan, outputs: Mapping[int, torch.Tensor], routing: Routing | None = None
+) -> torch.Tensor:
     """Combine outputs[e]: (R_e, C, H, W) for plan.rows[e] into denoised: (B, C, H, W).
 
     `routing` overrides plan.routing (the router passes a renormalised one when an expert failed).
@@ -86,8 +88,13 @@ class StepTrace:
     dropped: list[float]
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "sigma": self.sigma, "experts": self.experts, "weights": self.weights,
-                "dropped": self.dropped}
+        return {
+            "step": self.step,
+            "sigma": self.sigma,
+            "experts": self.experts,
+            "weights": self.weights,
+            "dropped": self.dropped,
+        }
 
 
 def trace_step(

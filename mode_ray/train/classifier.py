@@ -17,16 +17,36 @@ from mode_ray.models.checkpoint import load_state
 class Classifier(nn.Module):
     """images (B, 1, 28, 28) in [-1, 1] -> logits (B, classes); `features` gives the (B, feature_dim) FID features."""
 
-    def __init__(self, classes: int = 10, width: int = 32, feature_dim: int = 128, in_channels: int = 1) -> None:
+    def __init__(
+        self, classes: int = 10, width: int = 32, feature_dim: int = 128, in_channels: int = 1
+    ) -> None:
         super().__init__()
-        self.config = {"classes": classes, "width": width, "feature_dim": feature_dim, "in_channels": in_channels}
+        self.config = {
+            "classes": classes,
+            "width": width,
+            "feature_dim": feature_dim,
+            "in_channels": in_channels,
+        }
         w = width
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
-            nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),  # (B, w, 14, 14)
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),  # (B, 2w, 7, 7)
-            nn.Flatten(), nn.Dropout(0.25), nn.Linear(2 * w * 49, feature_dim), nn.ReLU(),  # (B, feature_dim)
+            nn.Conv2d(in_channels, w, 3, padding=1),
+            nn.BatchNorm2d(w),
+            nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1),
+            nn.BatchNorm2d(w),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, w, 14, 14)
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, 2w, 7, 7)
+            nn.Flatten(),
+            nn.Dropout(0.25),
+            nn.Linear(2 * w * 49, feature_dim),
+            nn.ReLU(),  # (B, feature_dim)
         )
         self.head = nn.Sequential(nn.Dropout(0.25), nn.Linear(feature_dim, classes))
 
@@ -40,8 +60,13 @@ class Classifier(nn.Module):
 def save_classifier(path: str | Path, model: Classifier, metrics: dict) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
-    (path / "classifier.json").write_text(json.dumps({"config": model.config, "metrics": metrics}, indent=2) + "\n")
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        str(path / "model.safetensors"),
+    )
+    (path / "classifier.json").write_text(
+        json.dumps({"config": model.config, "metrics": metrics}, indent=2) + "\n"
+    )
     return path
 
 

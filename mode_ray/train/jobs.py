@@ -30,8 +30,14 @@ def num_shards(partition: str) -> int:
 
 
 def train_experts(
-    out: Path, partition: str, base: JobConfig, workers: int, cpus_per_worker: int, parallel: int,
-    use_gpu: bool = False, only: list[int] | None = None,
+    out: Path,
+    partition: str,
+    base: JobConfig,
+    workers: int,
+    cpus_per_worker: int,
+    parallel: int,
+    use_gpu: bool = False,
+    only: list[int] | None = None,
 ) -> list[Path]:
     """One isolated TorchTrainer job per shard (`parallel` at a time); writes out/experts/<name> and
     out/mixture.json (experts listed in shard order)."""
@@ -43,7 +49,9 @@ def train_experts(
     names = [shard_name(partition, i) for i in range(n)]
 
     def job(i: int) -> Path:
-        cfg = JobConfig(**{**base.__dict__, "kind": "expert", "name": names[i], "partition": partition, "shard": i})
+        cfg = JobConfig(
+            **{**base.__dict__, "kind": "expert", "name": names[i], "partition": partition, "shard": i}
+        )
         return fit(cfg, out / "experts" / names[i], workers, cpus_per_worker, use_gpu)
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
@@ -67,19 +75,35 @@ def gate_partition(mixture_dir: Path) -> tuple[str, list[str]]:
     raise ValueError(f"cannot train one gate over experts with partitions {specs}")
 
 
-def train_gate(mixture_dir: Path, base: JobConfig, workers: int, cpus_per_worker: int, use_gpu: bool = False) -> Path:
+def train_gate(
+    mixture_dir: Path, base: JobConfig, workers: int, cpus_per_worker: int, use_gpu: bool = False
+) -> Path:
     """Fit the learned gate on the experts' partitions and enable it in mixture.json."""
     partition, names = gate_partition(mixture_dir)
-    cfg = JobConfig(**{**base.__dict__, "kind": "gate", "name": "gate", "partition": partition,
-                       "gate_experts": names, "cond_dropout": 0.5})
+    cfg = JobConfig(
+        **{
+            **base.__dict__,
+            "kind": "gate",
+            "name": "gate",
+            "partition": partition,
+            "gate_experts": names,
+            "cond_dropout": 0.5,
+        }
+    )
     path = fit(cfg, mixture_dir / "gate", workers, cpus_per_worker, use_gpu)
     config = load_config(mixture_dir)
     gate = config.gate.model_copy(update={"learned": "gate"})
-    (mixture_dir / "mixture.json").write_text(config.model_copy(update={"gate": gate}).model_dump_json(indent=2) + "\n")
+    (mixture_dir / "mixture.json").write_text(
+        config.model_copy(update={"gate": gate}).model_dump_json(indent=2) + "\n"
+    )
     return path
 
 
 def write_dense_mixture(dense_dir: Path, name: str) -> None:
     """A dense model is a one-expert mixture: lay it out so generate/eval treat it like any mixture."""
-    config = MixtureConfig(name=name, experts=[dense_dir.name], gate=GateSpec(prototype_tau=None, learned=None), top_k=1)
-    (dense_dir.parent / "mixture.json").write_text(json.dumps(json.loads(config.model_dump_json()), indent=2) + "\n")
+    config = MixtureConfig(
+        name=name, experts=[dense_dir.name], gate=GateSpec(prototype_tau=None, learned=None), top_k=1
+    )
+    (dense_dir.parent / "mixture.json").write_text(
+        json.dumps(json.loads(config.model_dump_json()), indent=2) + "\n"
+    )

@@ -121,16 +121,30 @@ def train_loop_per_worker(config: dict) -> None:
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             elapsed = time.time() - t0
             n = (step % cfg.log_every) + 1
-            metrics = {"step": step + 1, "loss": running / n, "images_per_s": seen / elapsed, "elapsed_s": elapsed}
+            metrics = {
+                "step": step + 1,
+                "loss": running / n,
+                "images_per_s": seen / elapsed,
+                "elapsed_s": elapsed,
+            }
             if rank == 0:
-                print(f"[{cfg.kind} {cfg.name}] step {step + 1}/{cfg.steps} loss {running / n:.4f} "
-                      f"{seen / elapsed:.0f} img/s {elapsed:.0f}s", flush=True)
+                print(
+                    f"[{cfg.kind} {cfg.name}] step {step + 1}/{cfg.steps} loss {running / n:.4f} "
+                    f"{seen / elapsed:.0f} img/s {elapsed:.0f}s",
+                    flush=True,
+                )
             running = 0.0
             if step + 1 < cfg.steps:
                 ray.train.report(metrics)
     elapsed = time.time() - t0
-    summary = {"train_steps": cfg.steps, "train_seconds": round(elapsed, 1), "train_examples": seen,
-               "train_flops": 3 * flops * seen, "final_loss": metrics["loss"], "workers": world}
+    summary = {
+        "train_steps": cfg.steps,
+        "train_seconds": round(elapsed, 1),
+        "train_examples": seen,
+        "train_flops": 3 * flops * seen,
+        "final_loss": metrics["loss"],
+        "workers": world,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
             _save(cfg, ema.cpu(), Path(tmp), data, parts, summary)
@@ -203,8 +217,14 @@ def _save(cfg: JobConfig, model, out: Path, data: Dataset, parts, summary: dict)
     save_expert(out, card, model)
 
 
-def fit(cfg: JobConfig, out: Path, workers: int = 1, cpus_per_worker: int = 1, use_gpu: bool = False,
-        storage: Path | None = None) -> Path:
+def fit(
+    cfg: JobConfig,
+    out: Path,
+    workers: int = 1,
+    cpus_per_worker: int = 1,
+    use_gpu: bool = False,
+    storage: Path | None = None,
+) -> Path:
     """Run one job as a Ray Train `TorchTrainer` and copy its final checkpoint to `out`."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -228,7 +248,9 @@ def fit(cfg: JobConfig, out: Path, workers: int = 1, cpus_per_worker: int = 1, u
     return out
 
 
-def steps_for_compute(expert_dirs: list[Path], preset: str, batch_size: int, shape=(1, 28, 28), dim=10) -> int:  # type: ignore[no-untyped-def]
+def steps_for_compute(
+    expert_dirs: list[Path], preset: str, batch_size: int, shape=(1, 28, 28), dim=10
+) -> int:  # type: ignore[no-untyped-def]
     """Training steps that give a `preset` model the same total training FLOPs as the given experts."""
     total = sum(int(load_card(d).metrics.get("train_flops", 0)) for d in expert_dirs)
     if total <= 0:

@@ -13,7 +13,9 @@ def parse_label_groups(spec: str) -> list[list[int]]:
     try:
         groups = [[int(v) for v in g.split(",") if v.strip()] for g in spec.split("|")]
     except ValueError:
-        raise ValueError(f"partition groups must be comma-separated integers split by '|', got {spec!r}") from None
+        raise ValueError(
+            f"partition groups must be comma-separated integers split by '|', got {spec!r}"
+        ) from None
     flat = [v for g in groups for v in g]
     if any(not g for g in groups) or len(flat) != len(set(flat)):
         raise ValueError(f"partition groups must be non-empty and disjoint, got {spec!r}")
@@ -25,7 +27,9 @@ def kmeans_features(images: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(images, 7).flatten(1)
 
 
-def kmeans(features: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans(
+    features: torch.Tensor, k: int, iters: int = 25, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means with k-means++ seeding. features: (N, F) -> (assignments (N,), centroids (k, F))."""
     g = torch.Generator().manual_seed(seed)
     centroids = features[torch.randint(len(features), (1,), generator=g)]

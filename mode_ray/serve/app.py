@@ -1,0 +1,47 @@
+"""Application builders. `build_app(args)` is the `import_path` of the Serve YAML (`mode_ray.serve.app:build_app`)
+and what `mode-ray serve` runs: the `mode-ray` application (ingress + router) at route prefix `/`. The
+router then deploys one `expert-<name>` application per registered expert."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from ray import serve
+from ray.serve import Application
+
+from mode_ray.models.card import format_validation_error
+from mode_ray.serve.config import AppArgs
+from mode_ray.serve.ingress import Ingress, api
+from mode_ray.serve.router import Router
+
+
+def validate_args(args: dict[str, Any] | AppArgs) -> AppArgs:
+    if isinstance(args, AppArgs):
+        return args
+    try:
+        return AppArgs.model_validate(args or {})
+    except ValidationError as e:
+        raise ValueError(f"invalid mode_ray app args: {format_validation_error(e, 'args')}") from None
+
+
+def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
+    """Ingress (HTTP + gRPC) -> Router (step engine). Resources come from `args`, never from decorators."""
+    a = validate_args(args or {})
+    router = (
+        serve.deployment(Router)
+        .options(
+            name="Router",
+            num_replicas=1,  # the registry and the step engine's batching live in one replica
+            ray_actor_options={"num_cpus": a.router.num_cpus},
+            max_ongoing_requests=a.router.max_active_requests + a.router.max_queued_requests + 16,
+            health_check_period_s=10,
+        )
+        .bind(a.model_dump(mode="json"))
+    )
+    ingress = serve.deployment(serve.ingress(api)(Ingress)).options(
+        name="Ingress",
+        ray_actor_options={"num_cpus": 0.1},
+        max_ongoing_requests=1024,
+    )
+    return ingress.bind(router)

@@ -1,0 +1,117 @@
+"""Validated configuration of the serving stack: the `build_app(args)` arguments of the Serve YAML, the CLI's
+`serve` flags and the admin API's add-expert body all land here. Replica counts and resources come from
+this config, never from decorators."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mode_ray import env
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "pretrained" / "mnist"
+APP_NAME = "mode-ray"
+GRPC_SERVICER_FUNCTIONS = [
+    "mode_ray.proto.inference.grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server",
+    "mode_ray.proto.mode_ray.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server",
+]
+
+
+def expert_app_name(name: str) -> str:
+    """The Serve application (and gRPC `application` metadata) of an expert."""
+    return f"expert-{name}"
+
+
+def expert_route_prefix(name: str) -> str:
+    return f"/experts/{name}"
+
+
+class ExpertDeployment(BaseModel):
+    """Resources, autoscaling and batching of one expert deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica")
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs per replica; fractions pack small experts on one GPU"
+    )
+    min_replicas: int = Field(1, ge=1, description=">= 1: scale-to-zero would stall a trajectory mid-way")
+    max_replicas: int = Field(2, ge=1)
+    initial_replicas: int | None = Field(None, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(256, ge=-1, description="-1: unbounded")
+    max_batch_size: int = Field(64, ge=1, description="@serve.batch: calls merged into one forward pass")
+    batch_wait_timeout_s: float = Field(0.002, ge=0)
+    device: str | None = Field(None, description="'cuda' or 'cpu'; default: cuda when the replica has a GPU")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ExpertDeployment:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})"
+            )
+        return self
+
+    def deployment_options(self, name: str) -> dict[str, Any]:
+        """Keyword arguments for `serve.deployment(...).options(...)`."""
+        autoscaling = {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+        }
+        if self.initial_replicas is not None:
+            autoscaling["initial_replicas"] = self.initial_replicas
+        return {
+            "name": f"Expert-{name}",
+            "autoscaling_config": autoscaling,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+        }
+
+
+class RouterOptions(BaseModel):
+    """The step engine of the router deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_active_requests: int = Field(
+        64, ge=1, description="requests stepping at once; others wait in the queue"
+    )
+    max_queued_requests: int = Field(
+        256, ge=0, description="beyond this, new requests are refused (HTTP 503)"
+    )
+    max_rows_per_call: int = Field(512, ge=1, description="rows sent to one expert in one ModelInfer call")
+    continuous_batching: bool = Field(
+        True, description="merge the rows of all active requests per expert per tick"
+    )
+    call_timeout_s: float = Field(
+        30.0, gt=0, description="one expert call; retried once, then the expert is dropped"
+    )
+    default_deadline_s: float = Field(
+        300.0, gt=0, description="per-request deadline unless the request sets one"
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs of the router replica (gate + combine + sampler)")
+    fp16_wire: bool = Field(False, description="send x as FP16 over gRPC (halves bytes; not bit-exact)")
+
+
+class AppArgs(BaseModel):
+    """Arguments of `mode_ray.serve.app:build_app` (Serve YAML `args:`) and of `mode-ray serve`."""
+
+    model_config = ConfigDict(extra="forbid")
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="mixture directory the cluster starts with")
+    expert_root: Path | None = Field(None, description="hot-added experts must live under this directory")
+    state_dir: Path = Field(default_factory=env.state_dir, description="where the registry is persisted")
+    grpc_target: str = Field(
+        "127.0.0.1:9000", description="the Serve gRPC proxy the router calls experts through"
+    )
+    expert: ExpertDeployment = Field(default_factory=ExpertDeployment)
+    router: RouterOptions = Field(default_factory=RouterOptions)
+    restore: bool = Field(True, description="re-deploy the experts recorded in state_dir on start")
+
+    @model_validator(mode="after")
+    def _root(self) -> AppArgs:
+        if self.expert_root is None:
+            self.expert_root = self.model_dir / "experts"
+        return self

@@ -1,0 +1,316 @@
+"""The router's step engine: continuous batching of denoising steps across requests, per expert.
+
+Every tick, for every active request: gate -> top-k (`plan_step`) -> group the rows of all requests by
+expert -> one batched call per expert, all in flight at once -> `finish_step` (the same combine as the
+in-process Mixture) -> one sampler step per request. Finished requests leave; queued ones join the next
+tick. A failed or late expert call is retried once; then the expert is dropped for that step and the other
+weights renormalised (the dropped mass goes into the trace); a request fails only when a row loses every
+chosen expert, or when its deadline passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from mode_ray.diffusion import Trajectory, make_trajectory
+from mode_ray.routing.bundle import MixtureConfig
+from mode_ray.routing.gates import Gate
+from mode_ray.routing.generation import ResolvedRequest, initial_noise, schedule, to_images
+from mode_ray.routing.mixture import allowed_mask
+from mode_ray.routing.step import StepPlan, finish_step, plan_step, trace_step
+from mode_ray.routing.topk import Routing, drop_experts
+from mode_ray.serve.clients import ExpertCallError, ExpertClient
+from mode_ray.serve.config import RouterOptions
+from mode_ray.serve.metrics import RouterMetrics
+from mode_ray.serve.registry import Snapshot
+
+
+class Overloaded(RuntimeError):
+    """The engine's queue is full (HTTP 503 / gRPC RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """A request ran past its deadline (HTTP 504 / gRPC DEADLINE_EXCEEDED)."""
+
+
+class GenerationFailed(RuntimeError):
+    """No chosen expert answered for some row (HTTP 502 / gRPC UNAVAILABLE)."""
+
+
+@dataclass
+class GenerationResult:
+    """images: (N, C, H, W) float32 in [0, 1]; trace: one dict per evaluation (see StepTrace)."""
+
+    request_id: str
+    images: torch.Tensor
+    labels: list[int]
+    seed: int
+    trace: list[dict]
+    dropped_mass: float
+    registry_version: int
+    seconds: float
+
+
+@dataclass
+class Progress:
+    step: int
+    total: int
+    sigma: float
+
+
+@dataclass
+class _Active:
+    id: str
+    req: ResolvedRequest
+    traj: Trajectory
+    snapshot: Snapshot
+    allowed: torch.Tensor | None
+    deadline: float
+    future: asyncio.Future
+    started: float
+    on_progress: Callable[[Progress], None] | None = None
+    trace: list[dict] = field(default_factory=list)
+    evals: int = 0
+    dropped: float = 0.0
+
+
+@dataclass
+class _Call:
+    """One expert call: rows of several requests stacked. parts: (request, expert index in its snapshot, n rows)."""
+
+    expert: str
+    client: ExpertClient
+    x: list[torch.Tensor] = field(default_factory=list)
+    sigma: list[torch.Tensor] = field(default_factory=list)
+    cond: list[torch.Tensor | None] = field(default_factory=list)
+    parts: list[tuple[_Active, int]] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(x.shape[0] for x in self.x)
+
+
+class StepEngine:
+    def __init__(
+        self,
+        gate: Gate,
+        config: MixtureConfig,
+        options: RouterOptions,
+        client_for: Callable[[str], ExpertClient],
+    ) -> None:
+        self.gate, self.config, self.options = gate, config, options
+        self.client_for = client_for
+        self.metrics = RouterMetrics()
+        self._queue: asyncio.Queue[_Active] = asyncio.Queue()
+        self._active: list[_Active] = []
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+
+    # ---- admission -------------------------------------------------------------------------------
+    def uses(self, name: str) -> int:
+        """How many admitted requests may still route to `name` (for draining)."""
+        return sum(name in a.snapshot.names for a in [*self._active, *self._queue._queue])  # type: ignore[attr-defined]
+
+    @property
+    def load(self) -> tuple[int, int]:
+        return len(self._active), self._queue.qsize()
+
+    async def generate(
+        self,
+        req: ResolvedRequest,
+        snapshot: Snapshot,
+        deadline_s: float | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> GenerationResult:
+        if not snapshot.entries:
+            raise GenerationFailed("no expert is registered and ready")
+        active, queued = self.load
+        if active + queued >= self.options.max_active_requests + self.options.max_queued_requests:
+            self.metrics.requests.inc(tags={"outcome": "overloaded"})
+            raise Overloaded(f"the router is at capacity ({active} active, {queued} queued); retry later")
+        allowed = allowed_mask(snapshot.names, req.pin, req.exclude)
+        shape = tuple(snapshot.entries[0].card.latent_shape)
+        x = initial_noise(req.seed, req.num_images, shape, self.config.sigma_max)  # type: ignore[arg-type]
+        now = time.monotonic()
+        item = _Active(
+            id=uuid.uuid4().hex[:16],
+            req=req,
+            traj=make_trajectory(req.sampler, x, schedule(req, self.config)),
+            snapshot=snapshot,
+            allowed=allowed,
+            deadline=now + (deadline_s or self.options.default_deadline_s),
+            future=asyncio.get_running_loop().create_future(),
+            started=now,
+            on_progress=on_progress,
+        )
+        self._ensure_loop()
+        await self._queue.put(item)
+        self._wake.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(item.future), timeout=item.deadline - now + 5)
+        except TimeoutError:
+            raise DeadlineExceeded(f"request {item.id} missed its deadline") from None
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            while len(self._active) < self.options.max_active_requests and not self._queue.empty():
+                self._active.append(self._queue.get_nowait())
+            self.metrics.active.set(len(self._active))
+            self.metrics.queued.set(self._queue.qsize())
+            if not self._active:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            t0 = time.perf_counter()
+            try:
+                await self.tick()
+            except Exception as e:  # noqa: BLE001 - a bug in one tick must fail its requests, not hang them
+                for a in self._active:
+                    self._fail(a, GenerationFailed(f"internal error in the step engine: {e!r}"))
+            self.metrics.tick_seconds.observe(time.perf_counter() - t0)
+            self._active = [a for a in self._active if not a.future.done()]
+
+    # ---- one tick ----------------------------------------------------------------------------------
+    async def tick(self) -> None:
+        now = time.monotonic()
+        plans: list[tuple[_Active, StepPlan]] = []
+        for a in self._active:
+            if a.future.done():
+                continue
+            if now > a.deadline:
+                self._fail(
+                    a, DeadlineExceeded(f"request {a.id} passed its deadline after {a.evals} evaluations")
+                )
+                continue
+            x, sigma = a.traj.query()
+            with torch.no_grad():
+                logits = self.gate(x, sigma, a.req.cond, a.snapshot.cards)  # (B, N)
+            try:
+                plan = plan_step(
+                    logits, x, sigma, a.req.cond, a.req.top_k, a.req.top_p, a.req.guidance_scale, a.allowed
+                )
+            except ValueError as e:
+                self._fail(a, GenerationFailed(str(e)))
+                continue
+            plans.append((a, plan))
+        calls = self._group(plans)
+        results = await asyncio.gather(*(self._call_with_retry(c, self._timeout(c)) for c in calls))
+        outputs: dict[str, dict[int, torch.Tensor]] = {a.id: {} for a, _ in plans}
+        failed: dict[str, set[int]] = {a.id: set() for a, _ in plans}
+        for call, result in zip(calls, results, strict=True):
+            if isinstance(result, Exception):
+                for a, e in call.parts:
+                    failed[a.id].add(e)
+                continue
+            for (a, e), out in zip(call.parts, result.split([x.shape[0] for x in call.x]), strict=True):
+                outputs[a.id][e] = out
+        for a, plan in plans:
+            self._advance(a, plan, outputs[a.id], failed[a.id])
+
+    def _group(self, plans: list[tuple[_Active, StepPlan]]) -> list[_Call]:
+        """Stack rows by expert (continuous batching) or by (request, expert); split at max_rows_per_call."""
+        calls: dict[tuple, _Call] = {}
+        for a, plan in plans:
+            for e, rows in plan.rows.items():
+                name = a.snapshot.entries[e].name
+                key = (name,) if self.options.continuous_batching else (name, a.id)
+                call = calls.get(key)
+                if call is None or call.rows + len(rows) > self.options.max_rows_per_call:
+                    if call is not None:
+                        calls[(*key, len(calls))] = call  # keep the full call under a unique key
+                    call = calls[key] = _Call(name, self.client_for(name))
+                call.x.append(plan.x[rows])
+                call.sigma.append(plan.sigma[rows])
+                call.cond.append(None if plan.cond is None else plan.cond[rows])
+                call.parts.append((a, e))
+        return list(calls.values())
+
+    def _timeout(self, call: _Call) -> float:
+        remaining = min(a.deadline for a, _ in call.parts) - time.monotonic()
+        return max(0.05, min(self.options.call_timeout_s, remaining))
+
+    async def _call_with_retry(self, call: _Call, timeout: float) -> torch.Tensor | Exception:
+        x = torch.cat(call.x)
+        sigma = torch.cat(call.sigma)
+        if all(c is None for c in call.cond):
+            cond = None
+        else:  # the null condition is the all-zeros row, so requests without one stack as zeros
+            dim = next(c for c in call.cond if c is not None).shape[1]
+            cond = torch.cat(
+                [
+                    c if c is not None else torch.zeros(xi.shape[0], dim)
+                    for c, xi in zip(call.cond, call.x, strict=True)
+                ]
+            )
+        error: Exception = ExpertCallError("not called")
+        for attempt in range(2):
+            try:
+                out = await call.client.infer(x, sigma, cond, timeout)
+                self.metrics.expert_calls.inc(tags={"expert": call.expert, "outcome": "ok"})
+                return out
+            except (TimeoutError, ExpertCallError, OSError) as e:
+                error = e
+                self.metrics.expert_calls.inc(
+                    tags={"expert": call.expert, "outcome": "retry" if attempt == 0 else "failed"}
+                )
+        return error
+
+    def _advance(
+        self, a: _Active, plan: StepPlan, outputs: dict[int, torch.Tensor], failed: set[int]
+    ) -> None:
+        routing: Routing = plan.routing
+        dropped = None
+        if failed:
+            try:
+                routing, dropped = drop_experts(plan.routing, failed)
+            except RuntimeError as e:
+                names = sorted(a.snapshot.entries[i].name for i in failed)
+                self._fail(a, GenerationFailed(f"request {a.id}: no chosen expert answered ({names}): {e}"))
+                return
+            mass = float(dropped[: plan.base.indices.shape[0]].sum())
+            a.dropped += mass
+            for i in failed:
+                self.metrics.dropped_mass.inc(mass / len(failed), tags={"expert": a.snapshot.entries[i].name})
+        sigma = float(plan.sigma[0])
+        base = (
+            routing
+            if routing.indices.shape[0] == plan.base.indices.shape[0]
+            else Routing(
+                routing.indices[: plan.base.indices.shape[0]], routing.weights[: plan.base.indices.shape[0]]
+            )
+        )
+        a.trace.append(trace_step(a.evals, sigma, base, a.snapshot.names, dropped).to_dict())
+        with torch.no_grad():
+            a.traj.advance(finish_step(plan, outputs, routing))
+        a.evals += 1
+        if a.on_progress is not None:
+            a.on_progress(Progress(a.traj.step, a.traj.steps, sigma))
+        if a.traj.done:
+            labels = [-1 if a.req.label is None else a.req.label] * a.req.num_images
+            result = GenerationResult(
+                a.id,
+                to_images(a.traj.x),
+                labels,
+                a.req.seed,
+                a.trace,
+                round(a.dropped, 6),
+                a.snapshot.version,
+                round(time.monotonic() - a.started, 4),
+            )
+            self.metrics.requests.inc(tags={"outcome": "ok"})
+            a.future.set_result(result)
+
+    def _fail(self, a: _Active, error: Exception) -> None:
+        if not a.future.done():
+            self.metrics.requests.inc(tags={"outcome": type(error).__name__})
+            a.future.set_exception(error)

@@ -1,0 +1,258 @@
+"""The ingress deployment: HTTP (FastAPI) and gRPC (`mode_ray.v1.GenerationService`) in one class.
+
+It validates at the edge, maps errors to HTTP 4xx/5xx and gRPC status codes, checks the admin token, and
+turns results into PNG grids or raw arrays. All generation work happens in the router.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+from typing import Any, Literal
+
+import grpc
+import numpy as np
+from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import Field, ValidationError
+
+from mode_ray import env
+from mode_ray.routing.generation import GenerateParams
+from mode_ray.routing.images import png_bytes
+from mode_ray.serve.engine import DeadlineExceeded, GenerationFailed, GenerationResult, Overloaded, Progress
+
+api = FastAPI(title="mode_ray", description="Mixture of Diffusion Experts on Ray Serve", version="0.1.0")
+
+
+class GenerateBody(GenerateParams):
+    output: Literal["png", "json"] = Field(
+        "png", description="png: an image/png grid; json: base64 arrays + trace"
+    )
+    deadline_s: float | None = Field(
+        None, gt=0, le=3600, description="fail the request after this many seconds"
+    )
+
+
+def _field_errors(e: ValidationError | RequestValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        parts.append(f"{loc}: {err['msg']}{got}")
+    return "; ".join(parts)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"error": _field_errors(exc)})
+
+
+# Errors raised in the router arrive as RayTaskError subclasses of the original type.
+HTTP_STATUS = [
+    (ValidationError, 422),
+    (ValueError, 400),
+    (FileExistsError, 409),
+    (KeyError, 404),
+    (Overloaded, 503),
+    (DeadlineExceeded, 504),
+    (TimeoutError, 504),
+    (GenerationFailed, 502),
+]
+GRPC_STATUS = [
+    (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (FileExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (KeyError, grpc.StatusCode.NOT_FOUND),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (GenerationFailed, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def _message(e: BaseException) -> str:
+    cause = getattr(e, "cause", None)  # RayTaskError carries the original exception
+    e = cause if isinstance(cause, BaseException) else e
+    if isinstance(e, ValidationError):
+        return _field_errors(e)
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])
+    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+
+
+def _classify(e: BaseException, table: list) -> Any:
+    cause = getattr(e, "cause", None)
+    for exc in (e, cause):
+        for kind, status in table:
+            if isinstance(exc, kind):
+                return status
+    return None
+
+
+def result_json(r: GenerationResult) -> dict:
+    arr = np.ascontiguousarray(r.images.numpy().astype("<f4"))
+    return {
+        "request_id": r.request_id,
+        "seed": r.seed,
+        "labels": r.labels,
+        "shape": list(arr.shape),
+        "images": base64.b64encode(arr.tobytes()).decode(),
+        "dtype": "float32",
+        "png": base64.b64encode(png_bytes(r.images)).decode(),
+        "trace": r.trace,
+        "dropped_mass": r.dropped_mass,
+        "registry_version": r.registry_version,
+        "seconds": r.seconds,
+    }
+
+
+class Ingress:
+    """Serve deployment class; bound to the router's handle by the app builder."""
+
+    def __init__(self, router: Any) -> None:
+        self.router = router
+        self.admin_token = env.admin_token()
+
+    # ---- shared ----------------------------------------------------------------------------------
+    def _check_admin(self, authorization: str | None) -> None:
+        if self.admin_token is None:
+            raise HTTPException(
+                403, detail="the admin API is off: set MODE_RAY_ADMIN_TOKEN on the cluster to enable it"
+            )
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.admin_token):
+            raise HTTPException(
+                401,
+                detail="missing or wrong admin token (Authorization: Bearer <token>)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self.router, method).remote(*args)
+        except Exception as e:  # noqa: BLE001 - mapped to a status below, re-raised when unknown
+            status = _classify(e, HTTP_STATUS)
+            if status is None:
+                raise HTTPException(500, detail=f"internal error: {_message(e)}") from None
+            raise HTTPException(status, detail=_message(e)) from None
+
+    # ---- HTTP ------------------------------------------------------------------------------------
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.post("/v1/generate")
+    async def generate_http(self, body: GenerateBody) -> Response:
+        params = body.model_dump(by_alias=True, exclude={"output", "deadline_s"}, exclude_none=True)
+        result: GenerationResult = await self._call("generate", params, body.deadline_s)
+        if body.output == "json":
+            return JSONResponse(result_json(result))
+        headers = {
+            "X-Request-Id": result.request_id,
+            "X-Seed": str(result.seed),
+            "X-Dropped-Mass": str(result.dropped_mass),
+            "X-Registry-Version": str(result.registry_version),
+        }
+        return Response(png_bytes(result.images), media_type="image/png", headers=headers)
+
+    @api.get("/v1/experts")
+    async def list_experts_http(self) -> dict:
+        return await self._call("list_experts")
+
+    @api.post("/v1/experts")
+    async def add_expert_http(self, body: dict, authorization: str | None = Header(None)) -> dict:
+        self._check_admin(authorization)
+        return await self._call("add_expert", body)
+
+    @api.delete("/v1/experts/{name}")
+    async def remove_expert_http(self, name: str, authorization: str | None = Header(None)) -> dict:
+        self._check_admin(authorization)
+        return await self._call("remove_expert", name)
+
+    # ---- gRPC (mode_ray.v1.GenerationService) --------------------------------------------------------
+    def _grpc_params(self, request: Any) -> tuple[dict, float | None]:
+        params: dict[str, Any] = {"num_images": request.num_images or 4}
+        if request.prompt:
+            params["prompt"] = request.prompt
+        for name in ("class_label", "seed", "guidance_scale", "top_k", "top_p"):
+            if request.HasField(name):
+                params["class" if name == "class_label" else name] = getattr(request, name)
+        if request.steps:
+            params["steps"] = request.steps
+        if request.sampler:
+            params["sampler"] = request.sampler
+        if request.experts:
+            params["experts"] = list(request.experts)
+        if request.exclude_experts:
+            params["exclude_experts"] = list(request.exclude_experts)
+        if request.output not in ("", "png", "raw"):
+            raise ValueError(f"output must be 'png' or 'raw', got {request.output!r}")
+        return params, (request.deadline_s if request.HasField("deadline_s") else None)
+
+    def _grpc_response(self, r: GenerationResult, output: str) -> Any:
+        from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
+
+        response = gen.GenerateResponse(request_id=r.request_id, labels=r.labels, seconds=r.seconds)
+        if output == "raw":
+            arr = np.ascontiguousarray(r.images.numpy().astype("<f4"))
+            response.images = arr.tobytes()
+            response.shape.extend(arr.shape)
+        else:
+            response.png = png_bytes(r.images)
+        for t in r.trace:
+            step = response.trace.add(step=t["step"], sigma=t["sigma"])
+            for names, weights, dropped in zip(t["experts"], t["weights"], t["dropped"], strict=True):
+                step.rows.add(experts=names, weights=weights, dropped_mass=dropped)
+        return response
+
+    async def _grpc_fail(self, context: Any, e: BaseException) -> None:
+        status = _classify(e, GRPC_STATUS) or grpc.StatusCode.INTERNAL
+        context.set_code(status)
+        context.set_details(_message(e))
+
+    async def Generate(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - gRPC method name
+        from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
+
+        try:
+            params, deadline = self._grpc_params(request)
+            result = await self.router.generate.remote(params, deadline)
+            return self._grpc_response(result, request.output)
+        except Exception as e:  # noqa: BLE001 - every error becomes a gRPC status
+            await self._grpc_fail(grpc_context, e)
+            return gen.GenerateResponse()
+
+    async def GenerateStream(self, request: Any, grpc_context: Any = None):  # noqa: N802, ANN201
+        from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
+
+        try:
+            params, deadline = self._grpc_params(request)
+            stream = self.router.options(stream=True).generate_stream.remote(params, deadline)
+            async for item in stream:
+                if isinstance(item, Progress):
+                    yield gen.GenerateProgress(step=item.step, total_steps=item.total, sigma=item.sigma)
+                else:
+                    yield gen.GenerateProgress(
+                        step=len(item.trace),
+                        total_steps=len(item.trace),
+                        result=self._grpc_response(item, request.output),
+                    )
+        except Exception as e:  # noqa: BLE001
+            await self._grpc_fail(grpc_context, e)
+
+    async def ListExperts(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
+
+        listing = await self.router.list_experts.remote()
+        response = gen.ListExpertsResponse(registry_version=listing["registry_version"])
+        import json
+
+        for e in listing["experts"]:
+            response.experts.add(
+                name=e["name"],
+                version=e["version"],
+                endpoint=e["endpoint"],
+                state=e["state"],
+                card_json=json.dumps(e["card"]),
+            )
+        return response

@@ -1,0 +1,128 @@
+"""The expert registry: which experts the router may route to, versioned and persisted atomically.
+
+Each generation captures an immutable `Snapshot` when it is admitted, so requests in flight keep the expert
+set they started with while experts are hot-added or drained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mode_ray.models.card import ExpertCard
+
+State = Literal["deploying", "ready", "draining"]
+REGISTRY_FILE = "registry.json"
+
+
+class ExpertEntry(BaseModel):
+    """One expert as the router knows it. endpoint: 'serve' (app expert-<name> behind the Serve gRPC proxy) or
+    'host:port' of any Open Inference Protocol server (Triton, KServe, another cluster)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    version: str
+    card: ExpertCard
+    path: str | None = None
+    endpoint: str = "serve"
+    state: State = "deploying"
+    added_at: float = Field(default_factory=time.time)
+
+
+class RegistryFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = 0
+    experts: list[ExpertEntry] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The routable experts at one registry version (state 'ready', in registration order)."""
+
+    version: int
+    entries: tuple[ExpertEntry, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    @property
+    def cards(self) -> list[ExpertCard]:
+        return [e.card for e in self.entries]
+
+
+class Registry:
+    """Thread-safe, persisted to `state_dir/registry.json` with write-to-temp + fsync + rename."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / REGISTRY_FILE
+        self._lock = threading.Lock()
+        self._data = self._read()
+
+    def _read(self) -> RegistryFile:
+        if not self.path.exists():
+            return RegistryFile()
+        try:
+            return RegistryFile.model_validate(json.loads(self.path.read_text()))
+        except (ValueError, json.JSONDecodeError) as e:
+            raise RuntimeError(
+                f"registry {self.path} is corrupt ({e}); move it away to start from the model"
+            ) from None
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".registry-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            f.write(self._data.model_dump_json(indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    @property
+    def version(self) -> int:
+        return self._data.version
+
+    def entries(self) -> list[ExpertEntry]:
+        with self._lock:
+            return [e.model_copy() for e in self._data.experts]
+
+    def get(self, name: str) -> ExpertEntry | None:
+        with self._lock:
+            return next((e.model_copy() for e in self._data.experts if e.name == name), None)
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return Snapshot(self._data.version, tuple(e for e in self._data.experts if e.state == "ready"))
+
+    def upsert(self, entry: ExpertEntry) -> int:
+        """Add or replace an entry; returns the new registry version."""
+        with self._lock:
+            others = [e for e in self._data.experts if e.name != entry.name]
+            self._data = RegistryFile(version=self._data.version + 1, experts=[*others, entry])
+            self._write()
+            return self._data.version
+
+    def set_state(self, name: str, state: State) -> int:
+        with self._lock:
+            experts = [
+                e.model_copy(update={"state": state}) if e.name == name else e for e in self._data.experts
+            ]
+            self._data = RegistryFile(version=self._data.version + 1, experts=experts)
+            self._write()
+            return self._data.version
+
+    def remove(self, name: str) -> int:
+        with self._lock:
+            self._data = RegistryFile(
+                version=self._data.version + 1, experts=[e for e in self._data.experts if e.name != name]
+            )
+            self._write()
+            return self._data.version

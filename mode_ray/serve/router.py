@@ -1,0 +1,207 @@
+"""The router deployment: holds the registry and the gate, runs the step engine, deploys and drains experts.
+
+Experts are always deployed by the router (at start from the registry or the model directory, and on
+hot-add), so start-up, hot-add and restore after a restart are one mechanism.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mode_ray.models.checkpoint import CheckpointError, load_card, load_expert
+from mode_ray.models.conditions import ClassLabelEncoder
+from mode_ray.routing.bundle import build_gate, load_config
+from mode_ray.routing.generation import GenerateParams, resolve
+from mode_ray.serve.clients import GrpcExpertClient
+from mode_ray.serve.config import AppArgs, ExpertDeployment, expert_app_name
+from mode_ray.serve.engine import GenerationResult, Progress, StepEngine
+from mode_ray.serve.registry import ExpertEntry, Registry
+
+log = logging.getLogger("ray.serve")
+
+
+class AddExpert(BaseModel):
+    """Body of `POST /v1/experts`: an expert directory under the expert root, optionally served elsewhere."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="expert directory (expert.json + model.safetensors) under the expert root")
+    endpoint: str = Field(
+        "serve", description="'serve' to deploy it on this cluster, or host:port of an OIP server"
+    )
+    deployment: ExpertDeployment | None = Field(
+        None, description="resources/autoscaling (default: the app's)"
+    )
+
+
+class Router:
+    """Serve deployment class (options come from the builder, never from a decorator)."""
+
+    async def __init__(self, args: dict) -> None:
+        self.args = AppArgs.model_validate(args)
+        self.config = load_config(self.args.model_dir)
+        self.encoder = ClassLabelEncoder(self.config.class_names)
+        self.gate = build_gate(self.config.gate, self.args.model_dir)
+        self.registry = Registry(self.args.state_dir)
+        self._clients: dict[str, GrpcExpertClient] = {}
+        self.engine = StepEngine(self.gate, self.config, self.args.router, self._client)
+        self._lock = asyncio.Lock()
+        self._started = asyncio.get_running_loop().create_task(self._start())
+        await asyncio.shield(self._started)  # the app is RUNNING only once every expert answers ModelReady
+
+    # ---- experts ------------------------------------------------------------------------------------
+    def _client(self, name: str) -> GrpcExpertClient:
+        entry = self.registry.get(name)
+        endpoint = entry.endpoint if entry else "serve"
+        key = f"{name}@{endpoint}"
+        if key not in self._clients:
+            self._clients[key] = GrpcExpertClient.for_entry(
+                name, endpoint, self.args.grpc_target, self.args.router.fp16_wire
+            )
+        return self._clients[key]
+
+    async def _start(self) -> None:
+        """Restore the registry (re-deploying missing expert apps) or seed it from the model directory."""
+        if not self.registry.entries() or not self.args.restore:
+            for name in self.config.experts:
+                path = self.args.model_dir / "experts" / name
+                card = load_card(path)
+                self.registry.upsert(ExpertEntry(name=name, version=card.version, card=card, path=str(path)))
+        await asyncio.gather(*(self._bring_up(e) for e in self.registry.entries() if e.state != "draining"))
+        for e in self.registry.entries():
+            if e.state == "draining":  # a drain interrupted by a restart: finish it
+                await self._teardown(e)
+
+    async def _bring_up(self, entry: ExpertEntry, deployment: ExpertDeployment | None = None) -> None:
+        if entry.endpoint == "serve":
+            if entry.path is None:
+                raise CheckpointError(f"expert {entry.name!r} has no path to deploy from")
+            await asyncio.to_thread(self._deploy, Path(entry.path), deployment or self.args.expert)
+        client = self._client(entry.name)
+        deadline = time.monotonic() + 180
+        while not await client.ready(timeout=5):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"expert {entry.name!r} did not report ModelReady within 180 s")
+            await asyncio.sleep(0.5)
+        self.registry.set_state(entry.name, "ready")
+        log.info("expert %s ready (registry version %d)", entry.name, self.registry.version)
+
+    @staticmethod
+    def _deploy(path: Path, deployment: ExpertDeployment) -> None:
+        from mode_ray.serve.expert_server import deploy_expert
+
+        deploy_expert(path, deployment)
+
+    async def _teardown(self, entry: ExpertEntry) -> None:
+        if entry.endpoint == "serve":
+            from ray import serve
+
+            await asyncio.to_thread(serve.delete, expert_app_name(entry.name))
+        self.registry.remove(entry.name)
+
+    async def ready(self) -> bool:
+        await asyncio.shield(self._started)
+        return True
+
+    async def list_experts(self) -> dict:
+        return {
+            "registry_version": self.registry.version,
+            "experts": [
+                {
+                    "name": e.name,
+                    "version": e.version,
+                    "endpoint": e.endpoint,
+                    "state": e.state,
+                    "card": e.card.model_dump(mode="json"),
+                }
+                for e in self.registry.entries()
+            ],
+        }
+
+    def _resolve_path(self, raw: str) -> Path:
+        root = Path(self.args.expert_root or self.args.model_dir / "experts").resolve()
+        path = Path(raw)
+        path = (path if path.is_absolute() else root / path).resolve()
+        if not path.is_relative_to(root):
+            raise ValueError(f"path {raw!r} is outside the expert root {str(root)!r}")
+        return path
+
+    async def add_expert(self, body: dict) -> dict:
+        """Validate, deploy, wait for ModelReady, then publish a new registry version."""
+        await asyncio.shield(self._started)
+        request = AddExpert.model_validate(body)
+        path = self._resolve_path(request.path)
+        card = load_card(path)
+        if request.endpoint == "serve":
+            await asyncio.to_thread(load_expert, path)  # safetensors only, names and shapes checked
+        ready = self.registry.snapshot()
+        if ready.entries:
+            try:
+                ready.entries[0].card.compatible_with(card)
+            except ValueError as e:
+                raise ValueError(f"path: {e}") from None
+        async with self._lock:
+            if self.registry.get(card.name) is not None:
+                raise FileExistsError(f"an expert named {card.name!r} is already registered")
+            entry = ExpertEntry(
+                name=card.name, version=card.version, card=card, path=str(path), endpoint=request.endpoint
+            )
+            self.registry.upsert(entry)
+        try:
+            await self._bring_up(entry, request.deployment)
+        except BaseException:
+            await self._teardown(entry)
+            raise
+        return {"name": card.name, "registry_version": self.registry.version, "state": "ready"}
+
+    async def remove_expert(self, name: str, drain_timeout_s: float = 300.0) -> dict:
+        """Stop routing new requests to `name`, wait for requests that may use it, then delete its app."""
+        await asyncio.shield(self._started)
+        async with self._lock:
+            entry = self.registry.get(name)
+            if entry is None:
+                raise KeyError(
+                    f"no expert named {name!r}; registered: {[e.name for e in self.registry.entries()]}"
+                )
+            if entry.state == "ready" and len(self.registry.snapshot().entries) == 1:
+                raise FileExistsError(f"{name!r} is the last ready expert; add another before removing it")
+            self.registry.set_state(name, "draining")
+        deadline = time.monotonic() + drain_timeout_s
+        while self.engine.uses(name) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await self._teardown(entry)
+        return {"name": name, "registry_version": self.registry.version, "state": "removed"}
+
+    # ---- generation -----------------------------------------------------------------------------------
+    async def generate(self, params: dict, deadline_s: float | None = None) -> GenerationResult:
+        await asyncio.shield(self._started)
+        req = resolve(GenerateParams.model_validate(params), self.config, self.encoder)
+        return await self.engine.generate(req, self.registry.snapshot(), deadline_s)
+
+    async def generate_stream(
+        self, params: dict, deadline_s: float | None = None
+    ) -> AsyncIterator[Progress | GenerationResult]:
+        """Yields Progress after every evaluation, then the GenerationResult."""
+        await asyncio.shield(self._started)
+        req = resolve(GenerateParams.model_validate(params), self.config, self.encoder)
+        queue: asyncio.Queue[Progress] = asyncio.Queue()
+        task = asyncio.ensure_future(
+            self.engine.generate(req, self.registry.snapshot(), deadline_s, queue.put_nowait)
+        )
+        while not task.done() or not queue.empty():
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+            else:
+                getter.cancel()
+        yield task.result()
+
+    async def check_health(self) -> None:
+        if self._started.done() and self._started.exception() is not None:
+            raise RuntimeError(f"router start-up failed: {self._started.exception()!r}")

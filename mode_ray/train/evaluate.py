@@ -1,0 +1,163 @@
+"""Evaluation of a mixture (or a dense one-expert mixture): held-out denoising loss per sigma bucket,
+class-conditional accuracy judged by the project's classifier, and a classifier-feature FID."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mode_ray.diffusion import edm_loss
+from mode_ray.models.conditions import one_hot
+from mode_ray.routing.bundle import MixtureBundle
+from mode_ray.routing.generation import GenerateParams, generate_local
+from mode_ray.train.classifier import Classifier
+from mode_ray.train.data import Dataset
+
+SIGMA_BUCKETS = ((0.002, 0.02), (0.02, 0.2), (0.2, 2.0), (2.0, 20.0), (20.0, 80.0))
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    name: str
+    accuracy: float
+    fid: float
+    loss_by_sigma: dict[str, float]
+    active_params: int
+    total_params: int
+    seconds_per_image: float
+    num_samples: int
+    sampler: str
+    steps: int
+    guidance_scale: float
+    top_k: int
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID between feature sets a: (N, F) and b: (M, F) in float64."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    vals, vecs = torch.linalg.eigh(cov_a)
+    sqrt_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
+    mid = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * mid)
+
+
+@torch.no_grad()
+def denoising_loss_by_sigma(
+    bundle: MixtureBundle, test: Dataset, n: int = 512, seed: int = 0
+) -> dict[str, float]:
+    """Mean EDM-weighted loss of the routed mixture on n held-out images, per log-uniform sigma bucket."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(test), generator=g)[:n]
+    x0, cond = test.images[idx], one_hot(test.labels[idx], bundle.encoder.dim)
+    out = {}
+    for lo, hi in SIGMA_BUCKETS:
+        sigma = torch.exp(torch.empty(n).uniform_(math.log(lo), math.log(hi), generator=g))
+        noise = torch.randn(x0.shape, generator=g)
+        out[f"{lo:g}-{hi:g}"] = round(float(edm_loss(bundle.mixture, x0, sigma, cond, noise).mean()), 5)
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    bundle: MixtureBundle,
+    classifier: Classifier,
+    test: Dataset,
+    num_samples: int = 1000,
+    steps: int | None = None,
+    sampler: str | None = None,
+    guidance_scale: float | None = None,
+    top_k: int | None = None,
+    seed: int = 0,
+    batch: int = 100,
+) -> tuple[EvalResult, torch.Tensor, torch.Tensor]:
+    """Returns the result, the generated images (N, C, H, W) in [0, 1] and their requested labels (N,)."""
+    classes = bundle.encoder.dim
+    per_class = max(1, num_samples // classes)
+    images, labels, seconds = [], [], 0.0
+    for c in range(classes):
+        for start in range(0, per_class, batch):
+            n = min(batch, per_class - start)
+            params = GenerateParams(
+                prompt=c,
+                num_images=n,
+                steps=steps,
+                sampler=sampler,
+                seed=seed * 7919 + c * 104729 + start,
+                guidance_scale=guidance_scale,
+                top_k=top_k,
+            )
+            t0 = time.perf_counter()
+            gen = generate_local(bundle.mixture, bundle.config, bundle.encoder, params)
+            seconds += time.perf_counter() - t0
+            images.append(gen.images)
+            labels += [c] * n
+    x = torch.cat(images)  # (N, C, H, W) in [0, 1]
+    y = torch.tensor(labels)
+    model_in = x * 2 - 1
+    accuracy = float((classifier(model_in).argmax(1) == y).float().mean())
+    fid = frechet_distance(
+        classifier.features(model_in), classifier.features(test.images[: max(len(x), 2000)])
+    )
+    k = top_k or bundle.config.top_k
+    sizes = sorted((sum(p.numel() for p in d.parameters()) for d in bundle.mixture.denoisers), reverse=True)
+    result = EvalResult(
+        name=bundle.config.name,
+        accuracy=round(accuracy, 4),
+        fid=round(fid, 3),
+        loss_by_sigma=denoising_loss_by_sigma(bundle, test),
+        active_params=sum(sizes[:k]),
+        total_params=sum(sizes),
+        seconds_per_image=round(seconds / len(x), 4),
+        num_samples=len(x),
+        sampler=sampler or bundle.config.sampler,
+        steps=steps or bundle.config.steps,
+        guidance_scale=bundle.config.guidance_scale if guidance_scale is None else guidance_scale,
+        top_k=min(k, len(sizes)),
+    )
+    return result, x, y
+
+
+def markdown_table(results: list[EvalResult]) -> str:
+    buckets = list(results[0].loss_by_sigma)
+    head = [
+        "model",
+        "top-k",
+        "active params",
+        "total params",
+        "accuracy",
+        "classifier-FID",
+        "s/image",
+        *[f"loss σ∈{b}" for b in buckets],
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        row = [
+            r.name,
+            str(r.top_k),
+            f"{r.active_params / 1e6:.2f}M",
+            f"{r.total_params / 1e6:.2f}M",
+            f"{100 * r.accuracy:.1f}%",
+            f"{r.fid:.2f}",
+            f"{r.seconds_per_image:.3f}",
+            *[f"{r.loss_by_sigma[b]:.4f}" for b in buckets],
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, results: list[EvalResult], grids: dict[str, torch.Tensor]) -> None:
+    """results.json, results.md and one sample grid PNG per model in `out`."""
+    from mode_ray.routing.images import save_grid
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    (out / "results.md").write_text(markdown_table(results))
+    for name, grid in grids.items():
+        save_grid(grid, out / f"samples-{name}.png", nrow=10)

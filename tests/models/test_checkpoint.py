@@ -1,0 +1,93 @@
+import json
+import pickle
+
+import pytest
+import torch
+
+from mode_ray.diffusion import EDMPrecond
+from mode_ray.models import CheckpointError, ExpertCard, UNet, UNetConfig, load_expert, save_expert
+from mode_ray.models.unet import UNET_PRESETS
+
+XS = UNET_PRESETS["xs"]
+
+
+def tiny(tmp_path, name: str = "tiny"):  # noqa: ANN001, ANN201
+    torch.manual_seed(0)
+    model = EDMPrecond(UNet(XS))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    card = ExpertCard(name=name, backbone_config=XS.to_dict(), latent_shape=(1, 28, 28), prototype=[0.1] * 10)
+    return save_expert(tmp_path / name, card, model), model
+
+
+def test_round_trip_gives_identical_outputs(tmp_path) -> None:  # noqa: ANN001
+    path, model = tiny(tmp_path)
+    loaded = load_expert(path)
+    x, sigma, cond = torch.randn(2, 1, 28, 28), torch.tensor([0.5, 3.0]), torch.eye(10)[:2]
+    torch.testing.assert_close(loaded.denoiser(x, sigma, cond), model(x, sigma, cond), rtol=0, atol=0)
+    assert loaded.card.parameters == sum(p.numel() for p in model.parameters())
+    assert sorted(p.name for p in path.iterdir()) == ["expert.json", "model.safetensors"]
+
+
+def test_a_pickle_checkpoint_is_refused(tmp_path) -> None:  # noqa: ANN001
+    path, model = tiny(tmp_path)
+    (path / "model.safetensors").unlink()
+    (path / "model.pt").write_bytes(pickle.dumps(model.state_dict()))
+    with pytest.raises(CheckpointError, match="pickle checkpoints are never loaded"):
+        load_expert(path)
+
+
+def test_truncated_safetensors(tmp_path) -> None:  # noqa: ANN001
+    path, _ = tiny(tmp_path)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        load_expert(path)
+
+
+def test_wrong_tensor_shape_and_missing_tensor(tmp_path) -> None:  # noqa: ANN001
+    path, _ = tiny(tmp_path)
+    card = json.loads((path / "expert.json").read_text())
+    card["backbone_config"]["channels"] = [8, 24]
+    (path / "expert.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="has shape .* expected|missing tensors"):
+        load_expert(path)
+    card["backbone_config"]["channels"] = [8, 16]
+    card["backbone_config"]["blocks_per_level"] = 2
+    (path / "expert.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="missing tensors"):
+        load_expert(path)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"name": "Bad Name!"}, "card.name"),
+        ({"latent_shape": [1, 0, 28]}, "latent_shape"),
+        ({"formulation": "ddpm"}, "card.formulation"),
+        ({"prototype": [1.0, 0.0]}, "prototype has 2 values"),
+        ({"sigma_interval": [2.0, 1.0]}, "sigma_interval"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_bad_cards_are_named(tmp_path, change: dict, match: str) -> None:  # noqa: ANN001
+    path, _ = tiny(tmp_path)
+    card = json.loads((path / "expert.json").read_text())
+    (path / "expert.json").write_text(json.dumps({**card, **change}))
+    with pytest.raises(CheckpointError, match=match):
+        load_expert(path)
+
+
+def test_invalid_json_and_missing_directory(tmp_path) -> None:  # noqa: ANN001
+    path, _ = tiny(tmp_path)
+    (path / "expert.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_expert(path)
+    with pytest.raises(CheckpointError, match="not an expert directory"):
+        load_expert(tmp_path / "nowhere")
+
+
+def test_unet_config_validation() -> None:
+    with pytest.raises(ValueError, match="divide by groups"):
+        UNetConfig(channels=(10, 20))

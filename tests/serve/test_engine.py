@@ -1,0 +1,142 @@
+"""The step engine in one process, with in-process expert clients: continuous batching is exact, faults
+renormalise or fail clearly, deadlines and the queue bound hold. (The gRPC path is tested in test_cluster.)"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from mode_ray.models.checkpoint import Expert
+from mode_ray.models.conditions import ClassLabelEncoder
+from mode_ray.routing import GenerateParams, Mixture, PrototypeGate, generate_local
+from mode_ray.routing.bundle import MixtureConfig
+from mode_ray.routing.generation import resolve
+from mode_ray.serve.clients import ExpertCallError
+from mode_ray.serve.config import RouterOptions
+from mode_ray.serve.engine import DeadlineExceeded, GenerationFailed, Overloaded, StepEngine
+from mode_ray.serve.registry import ExpertEntry, Snapshot
+from tests.routing.helpers import GaussianDenoiser, card
+
+
+class LocalClient:
+    """Runs an expert in this process; can be told to fail its next calls or to be slow."""
+
+    def __init__(self, expert: Expert) -> None:
+        self.name, self.expert = expert.name, expert
+        self.fail_next, self.delay, self.calls, self.rows = 0, 0.0, 0, []
+
+    async def infer(self, x, sigma, cond, timeout):  # noqa: ANN001, ANN201
+        self.calls += 1
+        self.rows.append(x.shape[0])
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail_next:
+            self.fail_next -= 1
+            raise ExpertCallError(f"expert {self.name!r}: UNAVAILABLE: injected")
+        return self.expert.denoiser(x, sigma, cond)
+
+    async def ready(self, timeout: float) -> bool:
+        return True
+
+
+def experts() -> list[Expert]:
+    protos = [
+        [1.0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 1.0, 1, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1.0, 1, 1, 1, 1, 1],
+    ]
+    return [
+        Expert(card(f"e{i}", p), GaussianDenoiser(mean=0.2 * i - 0.2, s=0.4 + 0.1 * i))
+        for i, p in enumerate(protos)
+    ]
+
+
+CONFIG = MixtureConfig(name="t", experts=["e0", "e1", "e2"], steps=6, sampler="heun", guidance_scale=2.0)
+
+
+def setup(options: RouterOptions | None = None):  # noqa: ANN201
+    ex = experts()
+    clients = {e.name: LocalClient(e) for e in ex}
+    gate = PrototypeGate(tau=0.5)
+    engine = StepEngine(gate, CONFIG, options or RouterOptions(), clients.__getitem__)
+    snapshot = Snapshot(
+        1, tuple(ExpertEntry(name=e.name, version="1", card=e.card, state="ready") for e in ex)
+    )
+    mixture = Mixture(ex, gate, top_k=2)
+    return engine, snapshot, clients, mixture
+
+
+def reference(mixture: Mixture, params: GenerateParams) -> torch.Tensor:
+    return generate_local(mixture, CONFIG, ClassLabelEncoder(), params).images
+
+
+PARAMS = [
+    GenerateParams(prompt=1, num_images=2, seed=1, sampler="heun", steps=5),
+    GenerateParams(prompt="three", num_images=3, seed=2, sampler="dpmpp_2m", steps=7, top_k=1),
+    GenerateParams(num_images=1, seed=3, sampler="euler", steps=4),  # unconditional, joins with the others
+    GenerateParams(prompt=8, num_images=2, seed=4, guidance_scale=1.0, top_p=0.9, top_k=3),
+]
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_concurrent_requests_equal_the_in_process_mixture(continuous: bool) -> None:
+    engine, snapshot, clients, mixture = setup(RouterOptions(continuous_batching=continuous))
+
+    async def run():  # noqa: ANN202
+        reqs = [resolve(p, CONFIG, ClassLabelEncoder()) for p in PARAMS]
+        return await asyncio.gather(*(engine.generate(r, snapshot) for r in reqs))
+
+    results = asyncio.run(run())
+    for p, r in zip(PARAMS, results, strict=True):
+        torch.testing.assert_close(r.images, reference(mixture, p), rtol=0, atol=1e-6)
+        assert r.dropped_mass == 0 and len(r.trace) > 0
+    calls = sum(c.calls for c in clients.values())
+    if continuous:  # rows of all requests share one call per expert per tick
+        assert max(max(c.rows) for c in clients.values()) > 4
+    assert calls > 0
+
+
+def test_a_failing_expert_is_retried_then_dropped_and_renormalised() -> None:
+    engine, snapshot, clients, _ = setup()
+    clients["e0"].fail_next = 1  # one failure: the retry succeeds, nothing is dropped
+    req = resolve(GenerateParams(prompt=0, num_images=2, seed=5, steps=3), CONFIG, ClassLabelEncoder())
+    r = asyncio.run(engine.generate(req, snapshot))
+    assert r.dropped_mass == 0 and clients["e0"].calls >= 2
+    clients["e0"].fail_next = 2  # call and retry fail: e0 is dropped for that step
+    r = asyncio.run(engine.generate(req, snapshot))
+    assert r.dropped_mass > 0
+    first = r.trace[0]
+    assert "e0" not in first["experts"][0] and first["dropped"][0] > 0
+    assert sum(first["weights"][0]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_request_fails_clearly_when_no_chosen_expert_answers() -> None:
+    engine, snapshot, clients, _ = setup()
+    for c in clients.values():
+        c.fail_next = 10**6
+    req = resolve(GenerateParams(prompt=0, num_images=1, seed=5, steps=3), CONFIG, ClassLabelEncoder())
+    with pytest.raises(GenerationFailed, match="no chosen expert answered"):
+        asyncio.run(engine.generate(req, snapshot))
+
+
+def test_deadline_and_queue_bound() -> None:
+    engine, snapshot, clients, _ = setup(
+        RouterOptions(max_active_requests=1, max_queued_requests=1, call_timeout_s=5)
+    )
+    for c in clients.values():
+        c.delay = 0.2
+    req = resolve(GenerateParams(prompt=0, num_images=1, seed=5, steps=20), CONFIG, ClassLabelEncoder())
+
+    async def run():  # noqa: ANN202
+        first = asyncio.ensure_future(engine.generate(req, snapshot, deadline_s=0.5))
+        second = asyncio.ensure_future(engine.generate(req, snapshot, deadline_s=0.5))
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded, match="at capacity"):
+            await engine.generate(req, snapshot)
+        for f in (first, second):
+            with pytest.raises(DeadlineExceeded):
+                await f
+
+    asyncio.run(asyncio.wait_for(run(), timeout=30))

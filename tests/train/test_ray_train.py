@@ -1,0 +1,33 @@
+"""A tiny real Ray Train run (2 workers, a few steps) produces a loadable expert and a loadable gate."""
+
+import pytest
+import torch
+
+from mode_ray.models import load_expert
+from mode_ray.routing.bundle import load_bundle
+from mode_ray.train.jobs import train_experts, train_gate
+from mode_ray.train.loops import JobConfig
+
+
+@pytest.mark.slow
+def test_two_worker_expert_and_gate_jobs(ray_session, tmp_path) -> None:  # noqa: ANN001
+    base = JobConfig(kind="expert", name="x", preset="xs", steps=6, batch_size=8, log_every=3)
+    paths = train_experts(
+        tmp_path / "mix", "labels:0,1|2,3", base, workers=2, cpus_per_worker=1, parallel=1, only=[0]
+    )
+    expert = load_expert(paths[0])
+    assert expert.card.name == "digits-0-1" and expert.card.data.partition == "labels:0,1"
+    assert expert.card.metrics["workers"] == 2 and expert.card.metrics["train_steps"] == 6
+    assert expert.card.prototype[0] > 0.4 and expert.card.prototype[2] == 0
+    out = expert.denoiser(torch.zeros(1, 1, 28, 28), torch.ones(1), torch.eye(10)[:1])
+    assert out.shape == (1, 1, 28, 28) and torch.isfinite(out).all()
+
+    train_experts(
+        tmp_path / "mix", "labels:0,1|2,3", base, workers=1, cpus_per_worker=1, parallel=1, only=[1]
+    )
+    train_gate(
+        tmp_path / "mix", JobConfig(kind="gate", name="gate", steps=4, batch_size=8, log_every=2), 1, 1
+    )
+    bundle = load_bundle(tmp_path / "mix")
+    assert bundle.mixture.names == ["digits-0-1", "digits-2-3"]
+    assert bundle.config.gate.learned == "gate"

@@ -1,0 +1,515 @@
+"""One expert as a Ray Serve deployment speaking the Open Inference Protocol (KServe v2) over gRPC.
+
+`ExpertServer` is a plain class; `expert_application` turns it into a Serve deployment whose resources,
+autoscaling and batching come from `ExpertDeployment`. Each expert is its own Serve application named
+`expert_app_name(card.name)`, reached through the Serve gRPC proxy with metadata `("application", <app>)`.
+
+The model contract of `ModelInfer` (the names the router sends):
+
+* `x`      FP32 or FP16 `[B, C, H, W]` with `(C, H, W) == card.latent_shape`
+* `sigma`  FP32 `[B]`, every value finite and > 0
+* `cond`   FP32 `[B, D]`, optional, `D == card.condition.dim` (only when D > 0)
+* output `x0_hat` `[B, C, H, W]` with the datatype of `x` (always computed in float32)
+
+A wrong model name or version gives NOT_FOUND; a malformed request gives INVALID_ARGUMENT whose details
+name the field and the offending value. Concurrent calls to one replica are merged by `@serve.batch` into
+one forward pass (rows concatenated, results split back); a call without `cond` contributes all-zero
+condition rows, which both backbones treat exactly like `cond=None` (the UNet's condition embedding is a
+bias-free Linear; the diffusers adapter maps an all-zero row to the null class, as it does for `None`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+
+from mode_ray.models.card import ExpertCard, format_validation_error
+from mode_ray.models.checkpoint import Expert, load_card, load_expert
+from mode_ray.proto.inference import grpc_predict_v2_pb2 as pb
+from mode_ray.serve.config import ExpertDeployment, expert_app_name, expert_route_prefix
+from mode_ray.serve.oip import OipError, datatype_of, decode_infer_request, encode_infer_response
+
+__all__ = [
+    "ExpertAppArgs",
+    "ExpertCallError",
+    "ExpertServer",
+    "build_expert_app",
+    "deploy_expert",
+    "expert_application",
+]
+
+logger = logging.getLogger("ray.serve")
+
+SERVER_NAME = "mode_ray-expert"
+INPUT_X, INPUT_SIGMA, INPUT_COND, OUTPUT = "x", "sigma", "cond", "x0_hat"
+# Histogram buckets of rows / calls per forward pass.
+_ROW_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+_CALL_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128]
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("mode-ray")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class ExpertCallError(ValueError):
+    """A call rejected by the expert. Over gRPC it becomes the status `code` with `details`; called through a
+    DeploymentHandle (no grpc_context) it is raised."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.code, self.details))
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One validated ModelInfer call waiting to be merged with others."""
+
+    x: np.ndarray  # (B, C, H, W) float32
+    sigma: np.ndarray  # (B,) float32
+    cond: np.ndarray | None  # (B, D) float32
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+
+@dataclass(frozen=True)
+class _Result:
+    x0_hat: np.ndarray  # (B, C, H, W) float32
+    batch_calls: int  # calls merged into the forward pass that produced it
+    batch_rows: int
+
+
+def _cpu_threads() -> int | None:
+    """Torch threads for this replica: its Ray CPU allotment (at least 1); None outside a Ray worker."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+    except Exception:  # noqa: BLE001 - not in a Ray worker: leave torch alone
+        return None
+    return max(1, min(int(cpus), os.cpu_count() or 1))
+
+
+class ExpertServer:
+    """OIP v2 gRPC server of one expert (`expert_dir` with `expert.json` + `model.safetensors`).
+
+    Loaded once per replica; `device=None` picks cuda when torch sees a GPU, else cpu.
+    """
+
+    def __init__(
+        self,
+        expert_dir: str,
+        max_batch_size: int = 64,
+        batch_wait_timeout_s: float = 0.002,
+        device: str | None = None,
+    ) -> None:
+        self._expert: Expert | None = None
+        threads = _cpu_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device.startswith("cuda") and not torch.cuda.is_available():
+            card = load_card(expert_dir)
+            raise RuntimeError(
+                f"expert {card.name!r}: device {device!r} was requested but torch sees no GPU "
+                "(give the deployment num_gpus > 0, or leave device unset)"
+            )
+        self.device = torch.device(device)
+        started = time.perf_counter()
+        self._expert = load_expert(expert_dir, device=self.device)
+        self.card: ExpertCard = self._expert.card
+        self.name = self.card.name
+        self._cond_dim = self.card.condition.dim
+        self._latent_shape = tuple(self.card.latent_shape)
+        # One forward pass at a time, off the replica's event loop so that calls keep queueing meanwhile.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"expert-{self.name}")
+        # @serve.batch wrapped per instance (not on the class): the batch queue of a class-level decorator is
+        # shared by every instance in the process, which would mix two experts' calls in local testing mode.
+        # Its parameters stay adjustable through the documented setters.
+        self._infer_batch = serve.batch(
+            max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s
+        )(self._forward_calls)
+        self._init_metrics()
+        logger.info(
+            "expert %r v%s loaded from %s on %s in %.2fs (torch threads %d, max_batch_size %d, wait %.4fs)",
+            self.name,
+            self.card.version,
+            expert_dir,
+            self.device,
+            time.perf_counter() - started,
+            torch.get_num_threads(),
+            max_batch_size,
+            batch_wait_timeout_s,
+        )
+
+    # ------------------------------------------------------------------------------------------------------
+    # batching parameters and metrics
+
+    def set_batching(
+        self, max_batch_size: int | None = None, batch_wait_timeout_s: float | None = None
+    ) -> None:
+        """Change the @serve.batch parameters of this replica."""
+        if max_batch_size is not None:
+            self._infer_batch.set_max_batch_size(max_batch_size)
+        if batch_wait_timeout_s is not None:
+            self._infer_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def batching(self) -> dict[str, float]:
+        """The @serve.batch parameters in effect."""
+        return {
+            "max_batch_size": self._infer_batch._get_max_batch_size(),
+            "batch_wait_timeout_s": self._infer_batch._get_batch_wait_timeout_s(),
+        }
+
+    def _init_metrics(self) -> None:
+        from ray.serve import metrics
+
+        tags = {"expert": self.name}
+        self._m_rows = metrics.Counter(
+            "expert_rows_total", description="Rows (samples) denoised by the expert.", tag_keys=("expert",)
+        )
+        self._m_calls = metrics.Counter(
+            "expert_calls_total", description="ModelInfer calls answered by the expert.", tag_keys=("expert",)
+        )
+        self._m_batch_rows = metrics.Histogram(
+            "expert_batch_rows",
+            description="Rows per forward pass (after @serve.batch merging).",
+            boundaries=_ROW_BUCKETS,
+            tag_keys=("expert",),
+        )
+        self._m_batch_calls = metrics.Histogram(
+            "expert_batch_calls",
+            description="ModelInfer calls merged into one forward pass.",
+            boundaries=_CALL_BUCKETS,
+            tag_keys=("expert",),
+        )
+        for m in (self._m_rows, self._m_calls, self._m_batch_rows, self._m_batch_calls):
+            m.set_default_tags(dict(tags))  # a fresh dict each: Serve adds its own tags to the one passed in
+
+    # ------------------------------------------------------------------------------------------------------
+    # health
+
+    def check_health(self) -> None:
+        """Called periodically by Serve; raising marks the replica unhealthy (it is then replaced)."""
+        if self._expert is None or self._expert.denoiser is None:
+            raise RuntimeError("expert model is not loaded")
+
+    def __del__(self) -> None:
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------------------------------------------
+    # OIP v2 methods (names match grpc_predict_v2.proto; Serve passes `grpc_context` by keyword)
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, grpc_context=None) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, grpc_context=None) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._expert is not None)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, grpc_context=None
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=_package_version())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, grpc_context=None) -> pb.ModelReadyResponse:
+        ready = (
+            self._expert is not None
+            and request.name == self.name
+            and request.version in ("", self.card.version)
+        )
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, grpc_context=None
+    ) -> pb.ModelMetadataResponse:
+        try:
+            self._check_model(request.name, request.version, "name")
+        except ExpertCallError as e:
+            return self._fail(grpc_context, e, pb.ModelMetadataResponse)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        chw = list(self._latent_shape)
+        inputs = [
+            tensor(name=INPUT_X, datatype="FP32", shape=[-1, *chw]),
+            tensor(name=INPUT_SIGMA, datatype="FP32", shape=[-1]),
+        ]
+        if self._cond_dim > 0:
+            inputs.append(tensor(name=INPUT_COND, datatype="FP32", shape=[-1, self._cond_dim]))
+        return pb.ModelMetadataResponse(
+            name=self.name,
+            versions=[self.card.version],
+            platform=f"pytorch_{self.card.backbone}",
+            inputs=inputs,
+            outputs=[tensor(name=OUTPUT, datatype="FP32", shape=[-1, *chw])],
+        )
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context=None) -> pb.ModelInferResponse:
+        try:
+            self._check_model(request.model_name, request.model_version, "model_name")
+            call, out_dtype = self._validate(request)
+        except ExpertCallError as e:
+            return self._fail(grpc_context, e, pb.ModelInferResponse)
+        if call.rows == 0:
+            result = _Result(np.zeros((0, *self._latent_shape), np.float32), 0, 0)
+        else:
+            result = await self._infer_batch(call)
+        return encode_infer_response(
+            self.name,
+            self.card.version,
+            {OUTPUT: result.x0_hat.astype(out_dtype, copy=False)},
+            request.id,
+            parameters={"batch_calls": result.batch_calls, "batch_rows": result.batch_rows},
+        )
+
+    # ------------------------------------------------------------------------------------------------------
+    # validation
+
+    @staticmethod
+    def _fail(grpc_context: Any, error: ExpertCallError, response_type: Callable[[], Any]) -> Any:
+        if grpc_context is None:
+            raise error
+        grpc_context.set_code(error.code)
+        grpc_context.set_details(error.details)
+        return response_type()
+
+    def _check_model(self, name: str, version: str, field: str) -> None:
+        # An empty name in ModelMetadata means this server's only model; ModelInfer must name it.
+        if name != self.name and (name or field == "model_name"):
+            raise ExpertCallError(
+                grpc.StatusCode.NOT_FOUND,
+                f"{field}: unknown model {name!r}; this server serves {self.name!r}",
+            )
+        if version and version != self.card.version:
+            raise ExpertCallError(
+                grpc.StatusCode.NOT_FOUND,
+                f"model_version: {self.name!r} has no version {version!r}; it has [{self.card.version!r}]",
+            )
+
+    def _validate(self, request: pb.ModelInferRequest) -> tuple[_Call, np.dtype]:
+        def bad(message: str) -> ExpertCallError:
+            return ExpertCallError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+        for i, out in enumerate(request.outputs):
+            if out.name != OUTPUT:
+                raise bad(f"outputs[{i}]: unknown output {out.name!r}; the only output is {OUTPUT!r}")
+        try:
+            inputs = decode_infer_request(request)
+        except OipError as e:
+            raise bad(str(e)) from None
+        allowed = (INPUT_X, INPUT_SIGMA, INPUT_COND) if self._cond_dim > 0 else (INPUT_X, INPUT_SIGMA)
+        extra = [name for name in inputs if name not in allowed]
+        if extra:
+            raise bad(f"inputs: unexpected input {extra[0]!r}; expert {self.name!r} takes {list(allowed)}")
+
+        x = inputs.get(INPUT_X)
+        if x is None:
+            raise bad(f"inputs: missing input {INPUT_X!r} (FP32 or FP16 [B, {_dims(self._latent_shape)}])")
+        if x.dtype not in (np.float32, np.float16):
+            raise bad(f"inputs 'x': datatype {_oip_name(x)}, expected FP32 or FP16")
+        if x.ndim != 4 or tuple(x.shape[1:]) != self._latent_shape:
+            raise bad(f"inputs 'x': shape {list(x.shape)}, expected [B, {_dims(self._latent_shape)}]")
+        rows = x.shape[0]
+
+        sigma = inputs.get(INPUT_SIGMA)
+        if sigma is None:
+            raise bad(f"inputs: missing input {INPUT_SIGMA!r} (FP32 [B])")
+        if sigma.dtype != np.float32:
+            raise bad(f"inputs 'sigma': datatype {_oip_name(sigma)}, expected FP32")
+        if sigma.shape != (rows,):
+            raise bad(f"inputs 'sigma': shape {list(sigma.shape)}, expected [{rows}] (one per row of 'x')")
+        invalid = ~(np.isfinite(sigma) & (sigma > 0))
+        if invalid.any():
+            i = int(np.argmax(invalid))
+            raise bad(f"inputs 'sigma': sigma[{i}] = {float(sigma[i])!r}; every sigma must be finite and > 0")
+
+        cond = inputs.get(INPUT_COND)
+        if cond is not None:
+            if cond.dtype != np.float32:
+                raise bad(f"inputs 'cond': datatype {_oip_name(cond)}, expected FP32")
+            if cond.shape != (rows, self._cond_dim):
+                raise bad(f"inputs 'cond': shape {list(cond.shape)}, expected [{rows}, {self._cond_dim}]")
+            finite = np.isfinite(cond)
+            if not finite.all():
+                i, j = np.argwhere(~finite)[0]
+                raise bad(f"inputs 'cond': cond[{i}, {j}] = {float(cond[i, j])!r} is not finite")
+        return _Call(x.astype(np.float32, copy=False), sigma, cond), x.dtype
+
+    # ------------------------------------------------------------------------------------------------------
+    # the merged forward pass
+
+    async def _forward_calls(self, calls: list[_Call]) -> list[_Result]:
+        """@serve.batch target: concatenate the rows of all calls, one forward pass, split back."""
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(self._executor, self._forward, calls)
+        total = out.shape[0]
+        self._m_calls.inc(len(calls))
+        self._m_rows.inc(total)
+        self._m_batch_rows.observe(total)
+        self._m_batch_calls.observe(len(calls))
+        bounds = np.cumsum([c.rows for c in calls])[:-1]
+        return [_Result(part, len(calls), total) for part in np.split(out, bounds)]
+
+    def _forward(self, calls: list[_Call]) -> np.ndarray:
+        """Runs in the executor thread. float32 in and out, (sum of rows, C, H, W)."""
+        if len(calls) == 1:
+            x, sigma, cond = calls[0].x, calls[0].sigma, calls[0].cond
+        else:
+            x = np.concatenate([c.x for c in calls])
+            sigma = np.concatenate([c.sigma for c in calls])
+            if all(c.cond is None for c in calls):
+                cond = None
+            else:  # all-zero rows for cond-less calls: exactly cond=None for those rows (see module doc)
+                cond = np.concatenate(
+                    [
+                        c.cond if c.cond is not None else np.zeros((c.rows, self._cond_dim), np.float32)
+                        for c in calls
+                    ]
+                )
+        with torch.inference_mode():
+            xt = torch.from_numpy(x).to(self.device)
+            st = torch.from_numpy(sigma).to(self.device)
+            ct = torch.from_numpy(cond).to(self.device) if cond is not None else None
+            out = self._expert.denoiser(xt, st, ct)
+            if tuple(out.shape) != tuple(xt.shape):
+                raise RuntimeError(
+                    f"expert {self.name!r}: denoiser gave shape {list(out.shape)} for input {list(xt.shape)}"
+                )
+            return out.to(device="cpu", dtype=torch.float32).numpy()
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return ", ".join(str(d) for d in shape)
+
+
+def _oip_name(arr: np.ndarray) -> str:
+    try:
+        return datatype_of(arr.dtype)
+    except OipError:
+        return str(arr.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# applications
+
+
+def expert_application(expert_dir: Path | str, config: ExpertDeployment) -> serve.Application:
+    """The Serve application of the expert in `expert_dir` (card read here, weights loaded in the replica)."""
+    card = load_card(expert_dir)
+    deployment = serve.deployment(ExpertServer).options(**config.deployment_options(card.name))
+    return deployment.bind(str(expert_dir), config.max_batch_size, config.batch_wait_timeout_s, config.device)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _app_messages(app: Any) -> str:
+    """The application's status message and each deployment's, ANSI colours removed."""
+    parts = [app.message] if app.message else []
+    for name, dep in app.deployments.items():
+        if dep.message:
+            parts.append(f"deployment {name} ({dep.status.value}): {dep.message}")
+    return _ANSI.sub("", "\n".join(parts)).strip()
+
+
+_EXCEPTION_LINE = re.compile(r"^\s*([\w.]+(?:Error|Exception|Exit|Interrupt)): (.+)$")
+
+
+def _root_cause(messages: str) -> str | None:
+    """The last `SomeError: text` line of a traceback in Serve's status messages, if there is one."""
+    found = [m for m in map(_EXCEPTION_LINE.match, messages.splitlines()) if m]
+    return f"{found[-1].group(1).rsplit('.', 1)[-1]}: {found[-1].group(2)}" if found else None
+
+
+def deploy_expert(
+    expert_dir: Path | str,
+    config: ExpertDeployment,
+    wait_s: float = 120.0,
+    *,
+    delete_on_failure: bool = True,
+) -> str:
+    """Deploy (or redeploy) the expert in `expert_dir` as its own Serve application; wait until RUNNING.
+
+    Other applications are left alone (the application is always named). Returns the application name.
+    Raises RuntimeError if Serve gives up on it (DEPLOY_FAILED, e.g. the replicas cannot load the checkpoint)
+    and TimeoutError if it is not RUNNING after `wait_s` (e.g. no node has the CPUs/GPUs it asks for); both
+    carry Serve's status messages. With `delete_on_failure`, an application this call created is deleted
+    again on failure; a pre-existing one is never deleted (Serve keeps its old replicas in a failed update).
+    """
+    card = load_card(expert_dir)
+    app_name = expert_app_name(card.name)
+    existed = app_name in serve.status().applications
+    app = expert_application(expert_dir, config)
+    started = time.monotonic()
+    serve.run_many(
+        [serve.RunTarget(target=app, name=app_name, route_prefix=expert_route_prefix(card.name))],
+        wait_for_applications_running=False,
+    )
+    last = None
+    while True:
+        last = serve.status().applications.get(app_name)
+        state = last.status.value if last is not None else "MISSING"
+        if state == "RUNNING":
+            logger.info(
+                "expert %r RUNNING as %s after %.1fs", card.name, app_name, time.monotonic() - started
+            )
+            return app_name
+        elapsed = time.monotonic() - started
+        if state in ("DEPLOY_FAILED", "MISSING", "DELETING") or elapsed > wait_s:
+            break
+        time.sleep(0.25)
+
+    messages = _app_messages(last) if last is not None else "the application disappeared"
+    if delete_on_failure and not existed:
+        serve.delete(app_name, _blocking=False)
+    where = f"expert {card.name!r} (application {app_name!r}, {expert_dir})"
+    cause = _root_cause(messages)
+    details = f"{cause}\n\nServe status:\n{messages}" if cause else messages or "no status message"
+    if state == "DEPLOY_FAILED" or state in ("MISSING", "DELETING"):
+        raise RuntimeError(f"{where} failed to deploy ({state} after {elapsed:.1f}s): {details}")
+    raise TimeoutError(f"{where} not RUNNING after {wait_s:.0f}s (status {state}): {details}")
+
+
+class ExpertAppArgs(BaseModel):
+    """Arguments of `mode_ray.serve.expert_server:build_expert_app` (Serve YAML `args:`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    expert_dir: Path = Field(description="expert directory with expert.json and model.safetensors")
+    expert: ExpertDeployment = Field(default_factory=ExpertDeployment)
+
+
+def build_expert_app(args: dict[str, Any]) -> serve.Application:
+    """Serve YAML builder: `import_path: mode_ray.serve.expert_server:build_expert_app`,
+    `args: {expert_dir: ..., expert: {num_cpus: ..., max_batch_size: ...}}`. Name the application
+    `expert-<card name>` so that the router's `application` metadata finds it."""
+    try:
+        parsed = ExpertAppArgs.model_validate(args if args is not None else {})
+    except ValidationError as e:
+        raise ValueError(f"build_expert_app: {format_validation_error(e, 'args')}") from None
+    return expert_application(parsed.expert_dir, parsed.expert)

@@ -12,7 +12,7 @@ from ray.serve import Application
 
 from mode_ray.models.card import format_validation_error
 from mode_ray.serve.config import AppArgs
-from mode_ray.serve.ingress import Ingress, api
+from mode_ray.serve.ingress import Ingress
 from mode_ray.serve.router import Router
 
 
@@ -39,7 +39,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
         )
         .bind(a.model_dump(mode="json"))
     )
-    ingress = serve.deployment(serve.ingress(api)(Ingress)).options(
+    ingress = serve.deployment(Ingress).options(
         name="Ingress",
         ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=1024,

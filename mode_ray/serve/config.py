@@ -40,7 +40,7 @@ class ExpertDeployment(BaseModel):
     max_replicas: int = Field(2, ge=1)
     initial_replicas: int | None = Field(None, ge=1)
     target_ongoing_requests: float = Field(2.0, gt=0)
-    max_ongoing_requests: int = Field(16, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1, description=">= max_batch_size, or Serve never fills a batch")
     max_queued_requests: int = Field(256, ge=-1, description="-1: unbounded")
     max_batch_size: int = Field(64, ge=1, description="@serve.batch: calls merged into one forward pass")
     batch_wait_timeout_s: float = Field(0.002, ge=0)

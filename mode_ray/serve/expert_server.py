@@ -25,6 +25,7 @@ import importlib.metadata
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -419,11 +420,19 @@ def _oip_name(arr: np.ndarray) -> str:
 # applications
 
 
+# Building a deployment is not thread-safe in Ray 2.60 (its config serialisation registers and unregisters a
+# module for pickling by value), and the router deploys experts from several threads at once.
+_BUILD_LOCK = threading.Lock()
+
+
 def expert_application(expert_dir: Path | str, config: ExpertDeployment) -> serve.Application:
     """The Serve application of the expert in `expert_dir` (card read here, weights loaded in the replica)."""
     card = load_card(expert_dir)
-    deployment = serve.deployment(ExpertServer).options(**config.deployment_options(card.name))
-    return deployment.bind(str(expert_dir), config.max_batch_size, config.batch_wait_timeout_s, config.device)
+    with _BUILD_LOCK:
+        deployment = serve.deployment(ExpertServer).options(**config.deployment_options(card.name))
+        return deployment.bind(
+            str(expert_dir), config.max_batch_size, config.batch_wait_timeout_s, config.device
+        )
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -467,10 +476,11 @@ def deploy_expert(
     existed = app_name in serve.status().applications
     app = expert_application(expert_dir, config)
     started = time.monotonic()
-    serve.run_many(
-        [serve.RunTarget(target=app, name=app_name, route_prefix=expert_route_prefix(card.name))],
-        wait_for_applications_running=False,
-    )
+    with _BUILD_LOCK:
+        serve.run_many(
+            [serve.RunTarget(target=app, name=app_name, route_prefix=expert_route_prefix(card.name))],
+            wait_for_applications_running=False,
+        )
     last = None
     while True:
         last = serve.status().applications.get(app_name)

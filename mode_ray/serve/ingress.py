@@ -4,8 +4,6 @@ It validates at the edge, maps errors to HTTP 4xx/5xx and gRPC status codes, che
 turns results into PNG grids or raw arrays. All generation work happens in the router.
 """
 
-from __future__ import annotations
-
 import base64
 import hmac
 from typing import Any, Literal
@@ -16,6 +14,7 @@ from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field, ValidationError
+from ray import serve
 
 from mode_ray import env
 from mode_ray.routing.generation import GenerateParams
@@ -107,6 +106,7 @@ def result_json(r: GenerationResult) -> dict:
     }
 
 
+@serve.ingress(api)  # at definition, so every process that imports this module sees the class-based routes
 class Ingress:
     """Serve deployment class; bound to the router's handle by the app builder."""
 

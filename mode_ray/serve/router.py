@@ -81,7 +81,9 @@ class Router:
         if entry.endpoint == "serve":
             if entry.path is None:
                 raise CheckpointError(f"expert {entry.name!r} has no path to deploy from")
-            await asyncio.to_thread(self._deploy, Path(entry.path), deployment or self.args.expert)
+            await asyncio.to_thread(
+                self._deploy, Path(entry.path), deployment or self.args.expert, entry.name
+            )
         client = self._client(entry.name)
         deadline = time.monotonic() + 180
         while not await client.ready(timeout=5):
@@ -92,9 +94,15 @@ class Router:
         log.info("expert %s ready (registry version %d)", entry.name, self.registry.version)
 
     @staticmethod
-    def _deploy(path: Path, deployment: ExpertDeployment) -> None:
+    def _deploy(path: Path, deployment: ExpertDeployment, name: str) -> None:
+        """Deploy unless the app is already RUNNING (a router restart must not restart healthy experts)."""
+        from ray import serve
+
         from mode_ray.serve.expert_server import deploy_expert
 
+        status = serve.status().applications.get(expert_app_name(name))
+        if status is not None and status.status.value == "RUNNING":
+            return
         deploy_expert(path, deployment)
 
     async def _teardown(self, entry: ExpertEntry) -> None:

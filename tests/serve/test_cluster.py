@@ -1,0 +1,338 @@
+"""The elastic expert cluster end to end, on real Ray Serve and real gRPC (loopback only).
+
+One tiny mixture (three xs-UNet experts with random weights, a learned + prototype + noise gate) is
+deployed once for the module through `build_app`; the router deploys each expert as its own Serve app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from mode_ray.diffusion import EDMPrecond
+from mode_ray.models import ExpertCard, UNet, save_expert
+from mode_ray.models.unet import UNET_PRESETS
+from mode_ray.proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
+from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
+from mode_ray.proto.mode_ray.v1 import generation_pb2_grpc as gen_grpc
+from mode_ray.routing import GenerateParams, generate_local, load_bundle
+from mode_ray.routing.bundle import GateSpec, MixtureConfig, save_gate
+from mode_ray.routing.gates import LearnedGateConfig, LearnedGateNet
+from mode_ray.serve.config import APP_NAME, AppArgs
+from mode_ray.serve.oip import decode_infer_response, encode_infer_request
+from tests.conftest import ADMIN_TOKEN
+
+pytestmark = pytest.mark.serve
+XS = UNET_PRESETS["xs"]
+EXPERTS = {"a": [0, 1, 2, 3], "b": [4, 5, 6], "c": [7, 8, 9], "d": [9]}  # d is hot-added later
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def make_expert(root: Path, name: str, digits: list[int], seed: int) -> None:
+    torch.manual_seed(seed)
+    model = EDMPrecond(UNet(XS))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # non-trivial outputs of a realistic size
+    proto = [1.0 / len(digits) if i in digits else 0.0 for i in range(10)]
+    save_expert(
+        root / name,
+        ExpertCard(name=name, backbone_config=XS.to_dict(), latent_shape=(1, 28, 28), prototype=proto),
+        model,
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster(serve_cluster, tmp_path_factory):  # noqa: ANN001, ANN201
+    from ray import serve
+
+    from mode_ray.serve.app import build_app
+
+    model = tmp_path_factory.mktemp("mixture")
+    for i, (name, digits) in enumerate(EXPERTS.items()):
+        make_expert(model / "experts", name, digits, seed=i)
+    torch.manual_seed(9)
+    save_gate(model / "gate", LearnedGateNet(LearnedGateConfig(("a", "b", "c"), width=8)))
+    config = MixtureConfig(
+        name="tiny",
+        experts=["a", "b", "c"],
+        gate=GateSpec(prototype_tau=0.5),
+        top_k=2,
+        sampler="heun",
+        steps=4,
+        guidance_scale=2.0,
+    )
+    (model / "mixture.json").write_text(config.model_dump_json(indent=2))
+    args = AppArgs(
+        model_dir=model,
+        state_dir=model / "state",
+        grpc_target=serve_cluster.grpc_target,
+        expert={"num_cpus": 0.1, "max_replicas": 1, "batch_wait_timeout_s": 0.001},
+        router={"num_cpus": 0.1, "call_timeout_s": 3.0},
+    )
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    yield serve_cluster, model
+    serve.delete(APP_NAME)
+    for name in EXPERTS:
+        if f"expert-{name}" in serve.status().applications:
+            serve.delete(f"expert-{name}")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():  # noqa: ANN201
+    """References run with one torch thread, as the replicas here do: CPU kernels reduce in an order that
+    depends on the thread count, and guided sampling amplifies those last-bit differences."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def post(url: str, body: dict, **kw) -> httpx.Response:  # noqa: ANN003
+    return httpx.post(f"{url}/v1/generate", json=body, timeout=120, **kw)
+
+
+def images_of(response: httpx.Response) -> torch.Tensor:
+    body = response.json()
+    arr = np.frombuffer(base64.b64decode(body["images"]), dtype="<f4").reshape(body["shape"])
+    return torch.from_numpy(arr.copy())
+
+
+def test_cluster_equals_the_in_process_mixture_under_continuous_batching(cluster) -> None:  # noqa: ANN001
+    sc, model = cluster
+    bundle = load_bundle(model)
+    requests = [
+        {"prompt": 2, "num_images": 2, "seed": 1, "top_k": 1},
+        {"prompt": "seven", "num_images": 3, "seed": 2, "top_k": 2, "sampler": "dpmpp_2m", "steps": 5},
+        {"num_images": 1, "seed": 3, "top_k": 2},
+        {"prompt": 5, "num_images": 2, "seed": 4, "top_k": 2, "guidance_scale": 1.0},
+    ]
+    with ThreadPoolExecutor(len(requests)) as pool:  # concurrent: their rows share expert calls
+        responses = list(pool.map(lambda b: post(sc.http_url, {**b, "output": "json"}), requests))
+    for body, response in zip(requests, responses, strict=True):
+        assert response.status_code == 200, response.text
+        expected = generate_local(
+            bundle.mixture, bundle.config, bundle.encoder, GenerateParams(**body)
+        ).images
+        assert (images_of(response) - expected).abs().max() <= 1e-5
+        trace = response.json()["trace"]
+        assert len(trace[0]["experts"][0]) == body["top_k"] or body["top_k"] == 2
+
+
+def test_http_png_and_field_errors(cluster) -> None:  # noqa: ANN001
+    sc, _ = cluster
+    r = post(sc.http_url, {"prompt": "digit 3", "num_images": 4, "seed": 0})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:4] == b"\x89PNG"
+    assert r.headers["x-seed"] == "0"
+    bad = post(sc.http_url, {"prompt": 3, "num_images": 0})
+    assert bad.status_code == 422 and "num_images" in bad.json()["error"]
+    bad = post(sc.http_url, {"prompt": "giraffe"})
+    assert bad.status_code == 400 and "giraffe" in bad.json()["detail"]
+    bad = post(sc.http_url, {"prompt": 1, "experts": ["nope"]})
+    assert bad.status_code == 400 and "nope" in bad.json()["detail"]
+    bad = post(sc.http_url, {"prompt": 1, "sampler": "magic"})
+    assert bad.status_code == 422 and "sampler" in bad.json()["error"]
+    assert httpx.get(f"{sc.http_url}/healthz").json() == {"status": "ok"}
+
+
+def grpc_call(target: str, fn):  # noqa: ANN001, ANN201
+    async def main():  # noqa: ANN202
+        async with grpc.aio.insecure_channel(target) as channel:
+            return await fn(channel)
+
+    return asyncio.run(main())
+
+
+def test_grpc_generate_stream_and_list(cluster) -> None:  # noqa: ANN001
+    sc, model = cluster
+    md = (("application", APP_NAME),)
+
+    async def calls(channel):  # noqa: ANN001, ANN202
+        stub = gen_grpc.GenerationServiceStub(channel)
+        raw = await stub.Generate(
+            gen.GenerateRequest(prompt="4", num_images=2, seed=5, output="raw"), metadata=md
+        )
+        png = await stub.Generate(gen.GenerateRequest(class_label=4, num_images=1, seed=5), metadata=md)
+        progress = [
+            m
+            async for m in stub.GenerateStream(
+                gen.GenerateRequest(prompt="4", num_images=1, seed=5), metadata=md
+            )
+        ]
+        listing = await stub.ListExperts(gen.ListExpertsRequest(), metadata=md)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Generate(gen.GenerateRequest(prompt="4", num_images=2, top_p=3.0), metadata=md)
+        return raw, png, progress, listing, err.value
+
+    raw, png, progress, listing, err = grpc_call(sc.grpc_target, calls)
+    bundle = load_bundle(model)
+    expected = generate_local(
+        bundle.mixture, bundle.config, bundle.encoder, GenerateParams(prompt="4", num_images=2, seed=5)
+    ).images
+    got = np.frombuffer(raw.images, dtype="<f4").reshape(list(raw.shape))
+    assert np.abs(got - expected.numpy()).max() <= 1e-5
+    assert len(raw.trace) == 7 and len(raw.trace[0].rows) == 2  # heun, 4 steps: 7 evaluations
+    assert png.png[:4] == b"\x89PNG"
+    assert len(progress) == 8 and progress[-1].result.png[:4] == b"\x89PNG"
+    assert [e.name for e in listing.experts] == ["a", "b", "c"]
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in err.details()
+
+
+def test_oip_model_infer_straight_to_an_expert(cluster) -> None:  # noqa: ANN001
+    sc, model = cluster
+    from mode_ray.models import load_expert
+
+    x, sigma = (
+        np.random.default_rng(0).normal(size=(2, 1, 28, 28)).astype(np.float32),
+        np.array([1.0, 5.0], "f4"),
+    )
+
+    async def calls(channel):  # noqa: ANN001, ANN202
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        ok = await stub.ModelInfer(
+            encode_infer_request("b", {"x": x, "sigma": sigma}), metadata=(("application", "expert-b"),)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ModelInfer(
+                encode_infer_request("a", {"x": x, "sigma": sigma}), metadata=(("application", "expert-b"),)
+            )
+        return ok, err.value
+
+    ok, err = grpc_call(sc.grpc_target, calls)
+    expected = load_expert(model / "experts" / "b").denoiser(
+        torch.from_numpy(x), torch.from_numpy(sigma), None
+    )
+    assert np.abs(decode_infer_response(ok)["x0_hat"] - expected.numpy()).max() <= 1e-5
+    assert err.code() == grpc.StatusCode.NOT_FOUND and "'a'" in err.details()
+
+
+def test_admin_api_needs_the_token(cluster) -> None:  # noqa: ANN001
+    sc, _ = cluster
+    url = f"{sc.http_url}/v1/experts"
+    assert httpx.post(url, json={"path": "d"}).status_code == 401
+    assert httpx.post(url, json={"path": "d"}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.delete(f"{url}/a", headers={"Authorization": "Basic abc"}).status_code == 401
+    r = httpx.post(url, json={"path": "../../etc"}, headers=AUTH, timeout=60)
+    assert r.status_code == 400 and "outside the expert root" in r.json()["detail"]
+    r = httpx.post(url, json={"path": "a"}, headers=AUTH, timeout=60)
+    assert r.status_code == 409 and "already registered" in r.json()["detail"]
+    r = httpx.post(url, json={"paht": "d"}, headers=AUTH, timeout=60)
+    assert r.status_code == 422 and "paht" in r.json()["detail"]
+
+
+def run_many(url: str, n: int, pin: list[str] | None = None) -> list[httpx.Response]:
+    bodies = [
+        {
+            "prompt": i % 10,
+            "num_images": 1,
+            "seed": i,
+            "steps": 8,
+            "output": "json",
+            **({"experts": pin} if pin else {}),
+        }
+        for i in range(n)
+    ]
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(lambda b: post(url, b), bodies))
+
+
+def test_hot_add_and_remove_while_generating(cluster) -> None:  # noqa: ANN001
+    sc, _ = cluster
+    url = f"{sc.http_url}/v1/experts"
+    with ThreadPoolExecutor(2) as pool:
+        background = pool.submit(run_many, sc.http_url, 8)
+        added = httpx.post(url, json={"path": "d"}, headers=AUTH, timeout=300)
+        results = background.result()
+    assert added.status_code == 200, added.text
+    assert all(r.status_code == 200 for r in results), [r.text for r in results if r.status_code != 200]
+    listing = httpx.get(url).json()
+    assert [e["name"] for e in listing["experts"]] == ["a", "b", "c", "d"]
+    assert listing["registry_version"] == added.json()["registry_version"]
+    r = post(sc.http_url, {"prompt": 9, "num_images": 1, "seed": 1, "output": "json"})
+    assert any(
+        "d" in row for step in r.json()["trace"] for row in step["experts"]
+    )  # d holds 9: routed at once
+
+    with ThreadPoolExecutor(2) as pool:
+        background = pool.submit(run_many, sc.http_url, 6, ["c", "d"])
+        time.sleep(0.5)
+        removed = httpx.delete(f"{url}/d", headers=AUTH, timeout=300)
+        results = background.result()
+    assert removed.status_code == 200, removed.text
+    assert all(r.status_code in (200, 400) for r in results)  # admitted ones finish; later ones name 'd'
+    assert any(r.status_code == 200 for r in results)
+    assert all("d" in r.json()["detail"] for r in results if r.status_code == 400)
+    assert [e["name"] for e in httpx.get(url).json()["experts"]] == ["a", "b", "c"]
+
+
+def replica_actors(app: str, deployment: str = ""):  # noqa: ANN201
+    """Handles of the live replica actors of a Serve app (named SERVE_REPLICA::<app>#<deployment>#<id>)."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "serve"]
+    prefix = f"SERVE_REPLICA::{app}#{deployment}"
+    return [ray.get_actor(n, namespace="serve") for n in names if n.startswith(prefix)]
+
+
+def test_killing_an_expert_replica_mid_generation_never_hangs(cluster) -> None:  # noqa: ANN001
+    import ray
+
+    sc, _ = cluster
+    body = {
+        "prompt": 5,
+        "num_images": 2,
+        "seed": 3,
+        "steps": 40,
+        "experts": ["a", "b"],
+        "top_k": 2,
+        "output": "json",
+        "deadline_s": 90,
+    }
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(post, sc.http_url, body)
+        time.sleep(1.0)
+        victims = replica_actors("expert-b")
+        assert victims
+        ray.kill(victims[0], no_restart=False)
+        started = time.monotonic()
+        response = future.result(timeout=120)
+    assert time.monotonic() - started < 100
+    if response.status_code == 200:
+        body = response.json()
+        dropped = [d for step in body["trace"] for d in step["dropped"]]
+        assert body["dropped_mass"] == pytest.approx(sum(dropped), abs=1e-3)
+    else:
+        assert response.status_code in (502, 504) and response.json()["detail"]
+
+
+def test_registry_is_restored_after_the_router_restarts(cluster) -> None:  # noqa: ANN001
+    import ray
+
+    sc, model = cluster
+    before = httpx.get(f"{sc.http_url}/v1/experts").json()
+    state = json.loads((model / "state" / "registry.json").read_text())
+    assert [e["name"] for e in state["experts"]] == [e["name"] for e in before["experts"]]
+    ray.kill(replica_actors(APP_NAME, "Router")[0], no_restart=False)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            r = post(sc.http_url, {"prompt": 1, "num_images": 1, "seed": 0, "output": "json"})
+            if r.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the router did not come back"
+        time.sleep(1)
+    after = httpx.get(f"{sc.http_url}/v1/experts").json()
+    assert [e["name"] for e in after["experts"]] == [e["name"] for e in before["experts"]]
+    assert after["registry_version"] >= before["registry_version"]

@@ -40,9 +40,10 @@ def _ray(address: str | None, num_cpus: int | None) -> None:
     import ray
 
     if not ray.is_initialized():
+        joining = bool(address or os.environ.get("RAY_ADDRESS"))
         ray.init(
             address=address,
-            num_cpus=None if address else num_cpus,
+            num_cpus=None if joining else num_cpus,
             include_dashboard=False,
             log_to_driver=True,
             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_pythonpath())}},
@@ -127,9 +128,7 @@ def train_gate_cmd(
 def train_dense_cmd(
     out: Annotated[Path, typer.Option(help="directory of the one-expert mixture to write")],
     preset: Annotated[str, typer.Option(help="UNet size preset (xs, s, s2, m, l)")] = "s2",
-    steps: Annotated[
-        int | None, typer.Option(help="optimizer steps (default: from --match-compute)")
-    ] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps (default: from --match-compute)")] = None,
     match_compute: Annotated[
         Path | None,
         typer.Option(help="a mixture directory: train for the same total FLOPs as all its experts together"),
@@ -228,16 +227,12 @@ def generate(
         str | None, typer.Option(help="class to draw: 7, 'seven', 'digit 7'; omit for unconditional")
     ] = None,
     num_images: Annotated[int, typer.Option(help="images to generate")] = 16,
-    seed: Annotated[
-        int | None, typer.Option(help="random seed; the same seed gives the same images")
-    ] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed; the same seed gives the same images")] = None,
     steps: Annotated[int | None, typer.Option(help="sampler steps (default: the model's)")] = None,
     sampler: Annotated[
         str | None, typer.Option(help="euler, ddim, heun or dpmpp_2m (default: the model's)")
     ] = None,
-    guidance_scale: Annotated[
-        float | None, typer.Option(help="classifier-free guidance (1 = off)")
-    ] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="classifier-free guidance (1 = off)")] = None,
     top_k: Annotated[int | None, typer.Option(help="experts per step (default: the model's)")] = None,
     top_p: Annotated[
         float | None, typer.Option(help="adaptive k: smallest expert set with this mass")

@@ -35,3 +35,10 @@ def device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def train_storage() -> str:
+    """MODE_RAY_TRAIN_STORAGE: Ray Train storage_path for run state and checkpoints (default ./runs/ray_train).
+    On several nodes it must be shared: a mounted volume or a URI such as s3://bucket/runs."""
+    value = os.environ.get("MODE_RAY_TRAIN_STORAGE")
+    return value if value else str((Path("runs") / "ray_train").resolve())

@@ -45,6 +45,10 @@ class ExpertDeployment(BaseModel):
     max_batch_size: int = Field(64, ge=1, description="@serve.batch: calls merged into one forward pass")
     batch_wait_timeout_s: float = Field(0.002, ge=0)
     device: str | None = Field(None, description="'cuda' or 'cpu'; default: cuda when the replica has a GPU")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources per replica, e.g. {'accelerator_type:H100': 0.01}",
+    )
 
     @model_validator(mode="after")
     def _replicas(self) -> ExpertDeployment:
@@ -68,7 +72,11 @@ class ExpertDeployment(BaseModel):
             "autoscaling_config": autoscaling,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": {
+                "num_cpus": self.num_cpus,
+                "num_gpus": self.num_gpus,
+                "resources": self.resources,
+            },
         }
 
 
@@ -107,8 +115,14 @@ class AppArgs(BaseModel):
         "127.0.0.1:9000", description="the Serve gRPC proxy the router calls experts through"
     )
     expert: ExpertDeployment = Field(default_factory=ExpertDeployment)
+    expert_overrides: dict[str, ExpertDeployment] = Field(
+        default_factory=dict, description="per-expert deployment settings (placement, GPUs), by expert name"
+    )
     router: RouterOptions = Field(default_factory=RouterOptions)
     restore: bool = Field(True, description="re-deploy the experts recorded in state_dir on start")
+
+    def deployment_for(self, name: str) -> ExpertDeployment:
+        return self.expert_overrides.get(name, self.expert)
 
     @model_validator(mode="after")
     def _root(self) -> AppArgs:

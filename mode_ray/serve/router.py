@@ -82,7 +82,7 @@ class Router:
             if entry.path is None:
                 raise CheckpointError(f"expert {entry.name!r} has no path to deploy from")
             await asyncio.to_thread(
-                self._deploy, Path(entry.path), deployment or self.args.expert, entry.name
+                self._deploy, Path(entry.path), deployment or self.args.deployment_for(entry.name), entry.name
             )
         client = self._client(entry.name)
         deadline = time.monotonic() + 180

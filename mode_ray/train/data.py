@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,7 @@ def _convert_mnist(src: Path, dst: Path) -> None:
         train, valid, test = _NumpyOnlyUnpickler(f, encoding="latin1").load()
     to_u8 = lambda a: np.round(np.asarray(a, np.float32) * 255).astype(np.uint8).reshape(-1, 1, 28, 28)  # noqa: E731
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_suffix(".tmp.npz")
+    tmp = dst.with_suffix(f".{os.getpid()}.tmp.npz")  # concurrent jobs convert side by side, then rename
     np.savez(
         tmp,
         train_x=np.concatenate([to_u8(train[0]), to_u8(valid[0])]),

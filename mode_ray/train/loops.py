@@ -229,14 +229,16 @@ def fit(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage = (storage or Path("runs") / "ray_train").resolve()
+    from mode_ray import env
+
+    storage_path = str(storage.resolve()) if storage else env.train_storage()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**asdict(cfg), "threads": cfg.threads or cpus_per_worker},
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
         ),
-        run_config=RunConfig(name=f"{cfg.kind}-{cfg.name}-{int(time.time())}", storage_path=str(storage)),
+        run_config=RunConfig(name=f"{cfg.kind}-{cfg.name}-{int(time.time())}", storage_path=storage_path),
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -271,12 +271,19 @@ def generate(
     if local:
         from mode_ray.routing import GenerateParams, generate_local, load_bundle
 
+        from pydantic import ValidationError
+
+        from mode_ray.models.card import format_validation_error
+
         try:
             params = GenerateParams(**fields)
             bundle = load_bundle(model)
             gen = generate_local(bundle.mixture, bundle.config, bundle.encoder, params)
-        except ValueError as e:
-            raise typer.BadParameter(str(e)) from None
+        except ValidationError as e:
+            raise typer.BadParameter(format_validation_error(e, "generate")) from None
+        except (ValueError, FileNotFoundError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
         _write_output(out, gen.images, gen.labels, [t.to_dict() for t in gen.trace], None)
         typer.echo(f"wrote {out} ({num_images} images, seed {gen.seed})")
         return

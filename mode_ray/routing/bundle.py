@@ -50,7 +50,7 @@ class MixtureConfig(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     sampler: Literal["euler", "ddim", "heun", "dpmpp_2m"] = "heun"
     steps: int = Field(18, ge=1, le=1000)
-    guidance_scale: float = Field(1.0, ge=0, le=50)
+    guidance_scale: float = Field(2.0, ge=0, le=50)  # experts train with condition dropout
     sigma_min: float = Field(0.002, gt=0)
     sigma_max: float = Field(80.0, gt=0)
     condition: Literal["class_label", "none"] = "class_label"
@@ -84,7 +84,10 @@ def save_gate(path: str | Path, net: LearnedGateNet, metrics: dict | None = None
 
 def load_gate_net(path: str | Path) -> LearnedGateNet:
     path = Path(path)
-    card = read_json(path / GATE_CARD, "gate card")
+    try:
+        card = read_json(path / GATE_CARD, "gate card")
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(f"{e} (train it with `mode-ray train gate`, or set gate.learned to null)") from None
     try:
         cfg = dict(card["config"])
         cfg["experts"] = tuple(cfg["experts"])

@@ -269,11 +269,10 @@ def generate(
     }
     fields = {k: v for k, v in fields.items() if v is not None}
     if local:
-        from mode_ray.routing import GenerateParams, generate_local, load_bundle
-
         from pydantic import ValidationError
 
         from mode_ray.models.card import format_validation_error
+        from mode_ray.routing import GenerateParams, generate_local, load_bundle
 
         try:
             params = GenerateParams(**fields)

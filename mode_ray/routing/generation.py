@@ -122,13 +122,16 @@ def generate_local(
     req = resolve(params, config, encoder)
     allowed = mixture.allowed(req.pin, req.exclude)
     shape = tuple(mixture.experts[0].card.latent_shape)
-    x = initial_noise(req.seed, req.num_images, shape, config.sigma_max)  # type: ignore[arg-type]
+    device = next(mixture.parameters()).device
+    x = initial_noise(req.seed, req.num_images, shape, config.sigma_max).to(device)  # type: ignore[arg-type]
+    cond = None if req.cond is None else req.cond.to(device)
+    allowed = None if allowed is None else allowed.to(device)
     traj = make_trajectory(req.sampler, x, schedule(req, config))
     trace: list[StepTrace] = []
     evaluation = 0
     while not traj.done:
         x_eval, sigma = traj.query()
-        plan = mixture.plan(x_eval, sigma, req.cond, req.guidance_scale, req.top_k, req.top_p, allowed)
+        plan = mixture.plan(x_eval, sigma, cond, req.guidance_scale, req.top_k, req.top_p, allowed)
         trace.append(trace_step(evaluation, float(sigma[0]), plan.base, mixture.names))
         traj.advance(mixture.evaluate(plan))
         evaluation += 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -99,11 +98,12 @@ def train_gate(
     return path
 
 
-def write_dense_mixture(dense_dir: Path, name: str) -> None:
-    """A dense model is a one-expert mixture: lay it out so generate/eval treat it like any mixture."""
-    config = MixtureConfig(
-        name=name, experts=[dense_dir.name], gate=GateSpec(prototype_tau=None, learned=None), top_k=1
-    )
-    (dense_dir.parent / "mixture.json").write_text(
-        json.dumps(json.loads(config.model_dump_json()), indent=2) + "\n"
-    )
+def train_dense(out: Path, base: JobConfig, workers: int, cpus_per_worker: int, use_gpu: bool = False) -> Path:
+    """A dense baseline on all the data, laid out as a one-expert mixture (out/experts/dense, out/mixture.json)
+    so that generate and eval treat it like any mixture."""
+    cfg = JobConfig(**{**base.__dict__, "kind": "dense", "name": "dense", "partition": "all"})
+    path = fit(cfg, out / "experts" / "dense", workers, cpus_per_worker, use_gpu)
+    gate = GateSpec(prototype_tau=None, learned=None)
+    config = MixtureConfig(name=out.name, experts=["dense"], gate=gate, top_k=1)
+    (out / "mixture.json").write_text(config.model_dump_json(indent=2) + "\n")
+    return path

@@ -103,7 +103,9 @@ def train_experts_cmd(
         typer.echo(f"wrote {p}")
 
 
-train_app.command("expert", help="Alias of `train experts`; with --shard N it trains one expert.")(train_experts_cmd)
+train_app.command("expert", help="Alias of `train experts`; with --shard N it trains one expert.")(
+    train_experts_cmd
+)
 
 
 @train_app.command("gate")

@@ -87,7 +87,9 @@ def load_gate_net(path: str | Path) -> LearnedGateNet:
     try:
         card = read_json(path / GATE_CARD, "gate card")
     except (FileNotFoundError, ValueError) as e:
-        raise CheckpointError(f"{e} (train it with `mode-ray train gate`, or set gate.learned to null)") from None
+        raise CheckpointError(
+            f"{e} (train it with `mode-ray train gate`, or set gate.learned to null)"
+        ) from None
     try:
         cfg = dict(card["config"])
         cfg["experts"] = tuple(cfg["experts"])

@@ -153,9 +153,13 @@ class ExpertServer:
         # @serve.batch wrapped per instance (not on the class): the batch queue of a class-level decorator is
         # shared by every instance in the process, which would mix two experts' calls in local testing mode.
         # Its parameters stay adjustable through the documented setters.
-        self._infer_batch = serve.batch(
-            max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s
-        )(self._forward_calls)
+        self._in_serve = _in_serve_replica()
+        if self._in_serve:
+            self._infer_batch = serve.batch(
+                max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s
+            )(self._forward_calls)
+        else:  # mode_ray.serve.standalone: serve.batch needs a replica context, so calls run one by one
+            self._infer_batch = self._forward_one
         self._init_metrics()
         logger.info(
             "expert %r v%s loaded from %s on %s in %.2fs (torch threads %d, max_batch_size %d, wait %.4fs)",
@@ -190,6 +194,12 @@ class ExpertServer:
 
     def _init_metrics(self) -> None:
         from ray.serve import metrics
+
+        from mode_ray.serve.metrics import Noop
+
+        if not self._in_serve:  # mode_ray.serve.standalone: no Serve metrics
+            self._m_rows = self._m_calls = self._m_batch_rows = self._m_batch_calls = Noop()
+            return
 
         tags = {"expert": self.name}
         self._m_rows = metrics.Counter(
@@ -365,6 +375,9 @@ class ExpertServer:
     # ------------------------------------------------------------------------------------------------------
     # the merged forward pass
 
+    async def _forward_one(self, call: _Call) -> _Result:
+        return (await self._forward_calls([call]))[0]
+
     async def _forward_calls(self, calls: list[_Call]) -> list[_Result]:
         """@serve.batch target: concatenate the rows of all calls, one forward pass, split back."""
         loop = asyncio.get_running_loop()
@@ -418,6 +431,16 @@ def _oip_name(arr: np.ndarray) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # applications
+
+
+def _in_serve_replica() -> bool:
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        serve.get_replica_context()
+    except RayServeException:
+        return False
+    return True
 
 
 # Building a deployment is not thread-safe in Ray 2.60 (its config serialisation registers and unregisters a

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 
-class _Noop:
+class Noop:
     def inc(self, *a: Any, **k: Any) -> None: ...
 
     def observe(self, *a: Any, **k: Any) -> None: ...
@@ -19,10 +19,10 @@ def _make(kind: str, name: str, description: str, tags: tuple[str, ...] = (), **
         from ray.util import metrics
 
         if not ray.is_initialized():
-            return _Noop()
+            return Noop()
         return getattr(metrics, kind)(name, description=description, tag_keys=tags, **kw)
     except Exception:  # noqa: BLE001 - metrics must never take the server down
-        return _Noop()
+        return Noop()
 
 
 class RouterMetrics:

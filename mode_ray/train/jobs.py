@@ -98,7 +98,9 @@ def train_gate(
     return path
 
 
-def train_dense(out: Path, base: JobConfig, workers: int, cpus_per_worker: int, use_gpu: bool = False) -> Path:
+def train_dense(
+    out: Path, base: JobConfig, workers: int, cpus_per_worker: int, use_gpu: bool = False
+) -> Path:
     """A dense baseline on all the data, laid out as a one-expert mixture (out/experts/dense, out/mixture.json)
     so that generate and eval treat it like any mixture."""
     cfg = JobConfig(**{**base.__dict__, "kind": "dense", "name": "dense", "partition": "all"})

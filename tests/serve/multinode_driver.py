@@ -61,28 +61,9 @@ def free_port() -> int:
 
 def build_mixture(root: Path) -> Path:
     """The three-expert mixture of tests/serve/test_cluster.py (same experts, gate and config)."""
-    import torch
+    from tests.tiny import build_tiny_mixture
 
-    from mode_ray.routing.bundle import GateSpec, MixtureConfig, save_gate
-    from mode_ray.routing.gates import LearnedGateConfig, LearnedGateNet
-    from tests.serve.test_cluster import EXPERTS, make_expert
-
-    model = root / "mixture"
-    for i, name in enumerate(("a", "b", "c")):
-        make_expert(model / "experts", name, EXPERTS[name], seed=i)
-    torch.manual_seed(9)
-    save_gate(model / "gate", LearnedGateNet(LearnedGateConfig(("a", "b", "c"), width=8)))
-    config = MixtureConfig(
-        name="tiny",
-        experts=["a", "b", "c"],
-        gate=GateSpec(prototype_tau=0.5),
-        top_k=2,
-        sampler="heun",
-        steps=4,
-        guidance_scale=2.0,
-    )
-    (model / "mixture.json").write_text(config.model_dump_json(indent=2))
-    return model
+    return build_tiny_mixture(root / "mixture")
 
 
 def serve_actor_nodes() -> dict[str, str]:

@@ -11,7 +11,6 @@ import base64
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import httpx
@@ -19,37 +18,17 @@ import numpy as np
 import pytest
 import torch
 
-from mode_ray.diffusion import EDMPrecond
-from mode_ray.models import ExpertCard, UNet, save_expert
-from mode_ray.models.unet import UNET_PRESETS
 from mode_ray.proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
 from mode_ray.proto.mode_ray.v1 import generation_pb2_grpc as gen_grpc
 from mode_ray.routing import GenerateParams, generate_local, load_bundle
-from mode_ray.routing.bundle import GateSpec, MixtureConfig, save_gate
-from mode_ray.routing.gates import LearnedGateConfig, LearnedGateNet
 from mode_ray.serve.config import APP_NAME, AppArgs
 from mode_ray.serve.oip import decode_infer_response, encode_infer_request
 from tests.conftest import ADMIN_TOKEN
+from tests.tiny import EXPERTS, build_tiny_mixture, make_expert
 
 pytestmark = pytest.mark.serve
-XS = UNET_PRESETS["xs"]
-EXPERTS = {"a": [0, 1, 2, 3], "b": [4, 5, 6], "c": [7, 8, 9], "d": [9]}  # d is hot-added later
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-def make_expert(root: Path, name: str, digits: list[int], seed: int) -> None:
-    torch.manual_seed(seed)
-    model = EDMPrecond(UNet(XS))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)  # non-trivial outputs of a realistic size
-    proto = [1.0 / len(digits) if i in digits else 0.0 for i in range(10)]
-    save_expert(
-        root / name,
-        ExpertCard(name=name, backbone_config=XS.to_dict(), latent_shape=(1, 28, 28), prototype=proto),
-        model,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -58,21 +37,7 @@ def cluster(serve_cluster, tmp_path_factory):  # noqa: ANN001, ANN201
 
     from mode_ray.serve.app import build_app
 
-    model = tmp_path_factory.mktemp("mixture")
-    for i, (name, digits) in enumerate(EXPERTS.items()):
-        make_expert(model / "experts", name, digits, seed=i)
-    torch.manual_seed(9)
-    save_gate(model / "gate", LearnedGateNet(LearnedGateConfig(("a", "b", "c"), width=8)))
-    config = MixtureConfig(
-        name="tiny",
-        experts=["a", "b", "c"],
-        gate=GateSpec(prototype_tau=0.5),
-        top_k=2,
-        sampler="heun",
-        steps=4,
-        guidance_scale=2.0,
-    )
-    (model / "mixture.json").write_text(config.model_dump_json(indent=2))
+    model = build_tiny_mixture(tmp_path_factory.mktemp("mixture"))
     args = AppArgs(
         model_dir=model,
         state_dir=model / "state",
@@ -273,6 +238,48 @@ def test_hot_add_and_remove_while_generating(cluster) -> None:  # noqa: ANN001
     assert any(r.status_code == 200 for r in results)
     assert all("d" in r.json()["detail"] for r in results if r.status_code == 400)
     assert [e["name"] for e in httpx.get(url).json()["experts"]] == ["a", "b", "c"]
+
+
+def test_an_expert_served_outside_ray_joins_by_endpoint(cluster) -> None:  # noqa: ANN001
+    """A plain OIP server (mode_ray.serve.standalone, no Ray) is hot-added by host:port and routed to."""
+    import socket
+    import subprocess
+    import sys
+
+    sc, model = cluster
+    make_expert(model / "experts", "e", [1], seed=7)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mode_ray.serve.standalone",
+            str(model / "experts" / "e"),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert any("OIP expert" in proc.stdout.readline() for _ in range(5))  # after the load log line
+        url = f"{sc.http_url}/v1/experts"
+        added = httpx.post(
+            url, json={"path": "e", "endpoint": f"127.0.0.1:{port}"}, headers=AUTH, timeout=120
+        )
+        assert added.status_code == 200, added.text
+        r = post(
+            sc.http_url, {"prompt": 1, "num_images": 1, "seed": 2, "experts": ["a", "e"], "output": "json"}
+        )
+        assert r.status_code == 200, r.text
+        assert any("e" in row for step in r.json()["trace"] for row in step["experts"])
+        assert httpx.delete(f"{url}/e", headers=AUTH, timeout=120).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def replica_actors(app: str, deployment: str = ""):  # noqa: ANN201

@@ -346,7 +346,13 @@ def eval_cmd(
             images[pick.reshape(bundle.encoder.dim, -1).T.flatten()] if per_class >= 8 else (images)
         )
         typer.echo(f"{bundle.config.name}: accuracy {result.accuracy:.3f} FID {result.fid:.2f}")
-    write_report(out, results, grids)
+    from mode_ray.train.evaluate import classifier_accuracy, reference_fid
+
+    meta = {
+        "reference_fid_real_train_vs_test": reference_fid(judge, load_mnist("train"), test, num_samples),
+        "classifier_test_accuracy": classifier_accuracy(judge, test),
+    }
+    write_report(out, results, grids, meta)
     typer.echo(markdown_table(results))
 
 

@@ -152,12 +152,28 @@ def markdown_table(results: list[EvalResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, results: list[EvalResult], grids: dict[str, torch.Tensor]) -> None:
+@torch.no_grad()
+def classifier_accuracy(classifier: Classifier, data: Dataset) -> float:
+    return round(float((classifier(data.images).argmax(1) == data.labels).float().mean()), 4)
+
+
+@torch.no_grad()
+def reference_fid(classifier: Classifier, train: Dataset, test: Dataset, n: int = 1000) -> float:
+    """FID between n real training images and the test set: the floor a perfect generator would reach."""
+    return round(
+        frechet_distance(classifier.features(train.images[:n]), classifier.features(test.images[:2000])), 3
+    )
+
+
+def write_report(out: Path, results: list[EvalResult], grids: dict[str, torch.Tensor], meta: dict) -> None:
     """results.json, results.md and one sample grid PNG per model in `out`."""
     from mode_ray.routing.images import save_grid
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(results))
+    (out / "results.json").write_text(
+        json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2) + "\n"
+    )
+    notes = "".join(f"- {k}: {v}\n" for k, v in meta.items())
+    (out / "results.md").write_text(markdown_table(results) + "\n" + notes)
     for name, grid in grids.items():
         save_grid(grid, out / f"samples-{name}.png", nrow=10)

@@ -476,12 +476,10 @@ def serve(
         "Ctrl-C to stop."
     )
     stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-    try:
-        while not stop["now"]:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored (e.g. `nohup ... &`)
+        signal.signal(sig, lambda *_: stop.update(now=True))
+    while not stop["now"]:
+        time.sleep(0.5)
     typer.echo("stopping ...")
     ray_serve.shutdown()
     import ray

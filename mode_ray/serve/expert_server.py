@@ -443,19 +443,33 @@ def _in_serve_replica() -> bool:
     return True
 
 
-# Building a deployment is not thread-safe in Ray 2.60 (its config serialisation registers and unregisters a
-# module for pickling by value), and the router deploys experts from several threads at once.
-_BUILD_LOCK = threading.Lock()
+# Serve's API is not thread-safe in Ray 2.60: building a RequestRouterConfig (deployments, and status replies
+# that carry deployment configs) registers and unregisters a module for pickling by value, process-wide. The
+# router deploys experts from several threads at once, so every Serve API call here holds this lock; a short
+# retry covers Serve's own threads doing the same.
+SERVE_API_LOCK = threading.RLock()
+
+
+def serve_status() -> Any:
+    with SERVE_API_LOCK:
+        return serve.status()
 
 
 def expert_application(expert_dir: Path | str, config: ExpertDeployment) -> serve.Application:
     """The Serve application of the expert in `expert_dir` (card read here, weights loaded in the replica)."""
     card = load_card(expert_dir)
-    with _BUILD_LOCK:
-        deployment = serve.deployment(ExpertServer).options(**config.deployment_options(card.name))
-        return deployment.bind(
-            str(expert_dir), config.max_batch_size, config.batch_wait_timeout_s, config.device
-        )
+    for attempt in range(5):
+        try:
+            with SERVE_API_LOCK:
+                deployment = serve.deployment(ExpertServer).options(**config.deployment_options(card.name))
+                return deployment.bind(
+                    str(expert_dir), config.max_batch_size, config.batch_wait_timeout_s, config.device
+                )
+        except ValueError as e:  # Serve itself may be serialising a config in another thread of this process
+            if "pickle by value" not in str(e) or attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -496,17 +510,17 @@ def deploy_expert(
     """
     card = load_card(expert_dir)
     app_name = expert_app_name(card.name)
-    existed = app_name in serve.status().applications
+    existed = app_name in serve_status().applications
     app = expert_application(expert_dir, config)
     started = time.monotonic()
-    with _BUILD_LOCK:
+    with SERVE_API_LOCK:
         serve.run_many(
             [serve.RunTarget(target=app, name=app_name, route_prefix=expert_route_prefix(card.name))],
             wait_for_applications_running=False,
         )
     last = None
     while True:
-        last = serve.status().applications.get(app_name)
+        last = serve_status().applications.get(app_name)
         state = last.status.value if last is not None else "MISSING"
         if state == "RUNNING":
             logger.info(
@@ -520,7 +534,8 @@ def deploy_expert(
 
     messages = _app_messages(last) if last is not None else "the application disappeared"
     if delete_on_failure and not existed:
-        serve.delete(app_name, _blocking=False)
+        with SERVE_API_LOCK:
+            serve.delete(app_name, _blocking=False)
     where = f"expert {card.name!r} (application {app_name!r}, {expert_dir})"
     cause = _root_cause(messages)
     details = f"{cause}\n\nServe status:\n{messages}" if cause else messages or "no status message"

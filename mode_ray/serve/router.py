@@ -96,11 +96,9 @@ class Router:
     @staticmethod
     def _deploy(path: Path, deployment: ExpertDeployment, name: str) -> None:
         """Deploy unless the app is already RUNNING (a router restart must not restart healthy experts)."""
-        from ray import serve
+        from mode_ray.serve.expert_server import deploy_expert, serve_status
 
-        from mode_ray.serve.expert_server import deploy_expert
-
-        status = serve.status().applications.get(expert_app_name(name))
+        status = serve_status().applications.get(expert_app_name(name))
         if status is not None and status.status.value == "RUNNING":
             return
         deploy_expert(path, deployment)
@@ -109,7 +107,13 @@ class Router:
         if entry.endpoint == "serve":
             from ray import serve
 
-            await asyncio.to_thread(serve.delete, expert_app_name(entry.name))
+            from mode_ray.serve.expert_server import SERVE_API_LOCK
+
+            def delete() -> None:
+                with SERVE_API_LOCK:
+                    serve.delete(expert_app_name(entry.name))
+
+            await asyncio.to_thread(delete)
         self.registry.remove(entry.name)
 
     async def ready(self) -> bool:

@@ -122,7 +122,7 @@ def generate_local(
     req = resolve(params, config, encoder)
     allowed = mixture.allowed(req.pin, req.exclude)
     shape = tuple(mixture.experts[0].card.latent_shape)
-    device = next(mixture.parameters()).device
+    device = mixture.device
     x = initial_noise(req.seed, req.num_images, shape, config.sigma_max).to(device)  # type: ignore[arg-type]
     cond = None if req.cond is None else req.cond.to(device)
     allowed = None if allowed is None else allowed.to(device)

@@ -5,6 +5,7 @@ It is the reference the distributed router is checked against.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +43,12 @@ class Mixture(nn.Module):
         self.denoisers = nn.ModuleList([e.denoiser for e in experts])
         self.gate = gate
         self.top_k, self.top_p = top_k, top_p
+
+    @property
+    def device(self) -> torch.device:
+        """Where the experts live (CPU for parameter-free experts)."""
+        tensor = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return torch.device("cpu") if tensor is None else tensor.device
 
     @property
     def names(self) -> list[str]:

@@ -39,17 +39,7 @@ class EDMPrecond(nn.Module):
         return c_skip * x + c_out * self.net(c_in * x, c_noise, cond)
 
 
-def vp_alpha_bar(sigma: torch.Tensor) -> torch.Tensor:
-    """VE sigma -> VP cumulative alpha: `alpha_bar = 1 / (1 + sigma^2)`."""
-    return 1 / (1 + sigma**2)
-
-
-def sigma_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
-    """VP cumulative alpha -> VE sigma: `sigma = sqrt((1 - alpha_bar) / alpha_bar)`."""
-    return ((1 - alpha_bar) / alpha_bar).sqrt()
-
-
-def log_uniform_check(sigma_min: float, sigma_max: float) -> None:
+def check_sigma_range(sigma_min: float, sigma_max: float) -> None:
     """Validate a sigma range, naming the offending value."""
     if not (0 < sigma_min < sigma_max) or not math.isfinite(sigma_max):
         raise ValueError(

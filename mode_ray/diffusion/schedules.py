@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mode_ray.diffusion.denoiser import log_uniform_check
+from mode_ray.diffusion.denoiser import check_sigma_range
 
 
 def karras_sigmas(
@@ -16,7 +16,7 @@ def karras_sigmas(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    log_uniform_check(sigma_min, sigma_max)
+    check_sigma_range(sigma_min, sigma_max)
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -31,12 +31,3 @@ def combine(
         stacked[r, slot] = out
     w = torch.where(routing.indices == PAD, torch.zeros_like(routing.weights), routing.weights)
     return (w.to(first.dtype)[..., None, None, None] * stacked).sum(dim=1)
-
-
-def evaluate_routed(
-    routing: Routing,
-    expert_fn: Callable[[int, torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """Call `expert_fn(e, rows)` -> (R_e, C, H, W) once per chosen expert and combine. Returns (B, C, H, W)."""
-    rows = dispatch(routing)
-    return combine(routing, {e: expert_fn(e, r) for e, r in rows.items()}, rows)

@@ -96,6 +96,19 @@ class _Call:
         return sum(x.shape[0] for x in self.x)
 
 
+def stack_cond(conds: list[torch.Tensor | None], rows: list[int]) -> torch.Tensor | None:
+    """Stack per-request conditions (each (R_i, D) or None) into (sum R_i, D), or None when all are None.
+
+    The null condition is the all-zeros row (what experts see under condition dropout), so a request without
+    one stacks as zeros and its rows are computed exactly as alone.
+    """
+    present = [c for c in conds if c is not None]
+    if not present:
+        return None
+    dim = present[0].shape[1]
+    return torch.cat([c if c is not None else torch.zeros(r, dim) for c, r in zip(conds, rows, strict=True)])
+
+
 class StepEngine:
     def __init__(
         self,
@@ -183,7 +196,7 @@ class StepEngine:
     # ---- one tick ----------------------------------------------------------------------------------
     async def tick(self) -> None:
         now = time.monotonic()
-        plans: list[tuple[_Active, StepPlan]] = []
+        live: list[_Active] = []
         for a in self._active:
             if a.future.done():
                 continue
@@ -192,9 +205,9 @@ class StepEngine:
                     a, DeadlineExceeded(f"request {a.id} passed its deadline after {a.evals} evaluations")
                 )
                 continue
-            x, sigma = a.traj.query()
-            with torch.no_grad():
-                logits = self.gate(x, sigma, a.req.cond, a.snapshot.cards)  # (B, N)
+            live.append(a)
+        plans: list[tuple[_Active, StepPlan]] = []
+        for a, (x, sigma), logits in self._gate_all(live):
             try:
                 plan = plan_step(
                     logits, x, sigma, a.req.cond, a.req.top_k, a.req.top_p, a.req.guidance_scale, a.allowed
@@ -216,6 +229,26 @@ class StepEngine:
                 outputs[a.id][e] = out
         for a, plan in plans:
             self._advance(a, plan, outputs[a.id], failed[a.id])
+
+    def _gate_all(
+        self, live: list[_Active]
+    ) -> list[tuple[_Active, tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """One gate call per registry version for the rows of all its requests (the gate is row-wise, and the
+        null condition is the all-zeros row, so stacking is exact). Returns (request, query, logits (B, N))."""
+        by_version: dict[int, list[_Active]] = {}
+        for a in live:
+            by_version.setdefault(a.snapshot.version, []).append(a)
+        out = []
+        for items in by_version.values():
+            queries = [a.traj.query() for a in items]
+            x = torch.cat([q[0] for q in queries])
+            sigma = torch.cat([q[1] for q in queries])
+            cond = stack_cond([a.req.cond for a in items], [q[0].shape[0] for q in queries])
+            with torch.no_grad():
+                logits = self.gate(x, sigma, cond, items[0].snapshot.cards)  # (sum B, N)
+            for a, q, lg in zip(items, queries, logits.split([q[0].shape[0] for q in queries]), strict=True):
+                out.append((a, q, lg))
+        return out
 
     def _group(self, plans: list[tuple[_Active, StepPlan]]) -> list[_Call]:
         """Stack rows by expert (continuous batching) or by (request, expert); split at max_rows_per_call."""
@@ -242,16 +275,7 @@ class StepEngine:
     async def _call_with_retry(self, call: _Call, timeout: float) -> torch.Tensor | Exception:
         x = torch.cat(call.x)
         sigma = torch.cat(call.sigma)
-        if all(c is None for c in call.cond):
-            cond = None
-        else:  # the null condition is the all-zeros row, so requests without one stack as zeros
-            dim = next(c for c in call.cond if c is not None).shape[1]
-            cond = torch.cat(
-                [
-                    c if c is not None else torch.zeros(xi.shape[0], dim)
-                    for c, xi in zip(call.cond, call.x, strict=True)
-                ]
-            )
+        cond = stack_cond(call.cond, [xi.shape[0] for xi in call.x])
         error: Exception = ExpertCallError("not called")
         for attempt in range(2):
             try:

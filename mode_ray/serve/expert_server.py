@@ -24,35 +24,23 @@ import asyncio
 import importlib.metadata
 import logging
 import os
-import re
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from mode_ray.models.card import ExpertCard, format_validation_error
+from mode_ray.models.card import ExpertCard
 from mode_ray.models.checkpoint import Expert, load_card, load_expert
 from mode_ray.proto.inference import grpc_predict_v2_pb2 as pb
-from mode_ray.serve.config import ExpertDeployment, expert_app_name, expert_route_prefix
 from mode_ray.serve.oip import OipError, datatype_of, decode_infer_request, encode_infer_response
 
-__all__ = [
-    "ExpertAppArgs",
-    "ExpertCallError",
-    "ExpertServer",
-    "build_expert_app",
-    "deploy_expert",
-    "expert_application",
-]
+__all__ = ["ExpertCallError", "ExpertServer"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -429,10 +417,6 @@ def _oip_name(arr: np.ndarray) -> str:
         return str(arr.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# applications
-
-
 def _in_serve_replica() -> bool:
     from ray.serve.exceptions import RayServeException
 
@@ -441,123 +425,3 @@ def _in_serve_replica() -> bool:
     except RayServeException:
         return False
     return True
-
-
-# Serve's API is not thread-safe in Ray 2.60: building a RequestRouterConfig (deployments, and status replies
-# that carry deployment configs) registers and unregisters a module for pickling by value, process-wide. The
-# router deploys experts from several threads at once, so every Serve API call here holds this lock; a short
-# retry covers Serve's own threads doing the same.
-SERVE_API_LOCK = threading.RLock()
-
-
-def serve_status() -> Any:
-    with SERVE_API_LOCK:
-        return serve.status()
-
-
-def expert_application(expert_dir: Path | str, config: ExpertDeployment) -> serve.Application:
-    """The Serve application of the expert in `expert_dir` (card read here, weights loaded in the replica)."""
-    card = load_card(expert_dir)
-    for attempt in range(5):
-        try:
-            with SERVE_API_LOCK:
-                deployment = serve.deployment(ExpertServer).options(**config.deployment_options(card.name))
-                return deployment.bind(
-                    str(expert_dir), config.max_batch_size, config.batch_wait_timeout_s, config.device
-                )
-        except ValueError as e:  # Serve itself may be serialising a config in another thread of this process
-            if "pickle by value" not in str(e) or attempt == 4:
-                raise
-            time.sleep(0.05 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _app_messages(app: Any) -> str:
-    """The application's status message and each deployment's, ANSI colours removed."""
-    parts = [app.message] if app.message else []
-    for name, dep in app.deployments.items():
-        if dep.message:
-            parts.append(f"deployment {name} ({dep.status.value}): {dep.message}")
-    return _ANSI.sub("", "\n".join(parts)).strip()
-
-
-_EXCEPTION_LINE = re.compile(r"^\s*([\w.]+(?:Error|Exception|Exit|Interrupt)): (.+)$")
-
-
-def _root_cause(messages: str) -> str | None:
-    """The last `SomeError: text` line of a traceback in Serve's status messages, if there is one."""
-    found = [m for m in map(_EXCEPTION_LINE.match, messages.splitlines()) if m]
-    return f"{found[-1].group(1).rsplit('.', 1)[-1]}: {found[-1].group(2)}" if found else None
-
-
-def deploy_expert(
-    expert_dir: Path | str,
-    config: ExpertDeployment,
-    wait_s: float = 120.0,
-    *,
-    delete_on_failure: bool = True,
-) -> str:
-    """Deploy (or redeploy) the expert in `expert_dir` as its own Serve application; wait until RUNNING.
-
-    Other applications are left alone (the application is always named). Returns the application name.
-    Raises RuntimeError if Serve gives up on it (DEPLOY_FAILED, e.g. the replicas cannot load the checkpoint)
-    and TimeoutError if it is not RUNNING after `wait_s` (e.g. no node has the CPUs/GPUs it asks for); both
-    carry Serve's status messages. With `delete_on_failure`, an application this call created is deleted
-    again on failure; a pre-existing one is never deleted (Serve keeps its old replicas in a failed update).
-    """
-    card = load_card(expert_dir)
-    app_name = expert_app_name(card.name)
-    existed = app_name in serve_status().applications
-    app = expert_application(expert_dir, config)
-    started = time.monotonic()
-    with SERVE_API_LOCK:
-        serve.run_many(
-            [serve.RunTarget(target=app, name=app_name, route_prefix=expert_route_prefix(card.name))],
-            wait_for_applications_running=False,
-        )
-    last = None
-    while True:
-        last = serve_status().applications.get(app_name)
-        state = last.status.value if last is not None else "MISSING"
-        if state == "RUNNING":
-            logger.info(
-                "expert %r RUNNING as %s after %.1fs", card.name, app_name, time.monotonic() - started
-            )
-            return app_name
-        elapsed = time.monotonic() - started
-        if state in ("DEPLOY_FAILED", "MISSING", "DELETING") or elapsed > wait_s:
-            break
-        time.sleep(0.25)
-
-    messages = _app_messages(last) if last is not None else "the application disappeared"
-    if delete_on_failure and not existed:
-        with SERVE_API_LOCK:
-            serve.delete(app_name, _blocking=False)
-    where = f"expert {card.name!r} (application {app_name!r}, {expert_dir})"
-    cause = _root_cause(messages)
-    details = f"{cause}\n\nServe status:\n{messages}" if cause else messages or "no status message"
-    if state == "DEPLOY_FAILED" or state in ("MISSING", "DELETING"):
-        raise RuntimeError(f"{where} failed to deploy ({state} after {elapsed:.1f}s): {details}")
-    raise TimeoutError(f"{where} not RUNNING after {wait_s:.0f}s (status {state}): {details}")
-
-
-class ExpertAppArgs(BaseModel):
-    """Arguments of `mode_ray.serve.expert_server:build_expert_app` (Serve YAML `args:`)."""
-
-    model_config = ConfigDict(extra="forbid")
-    expert_dir: Path = Field(description="expert directory with expert.json and model.safetensors")
-    expert: ExpertDeployment = Field(default_factory=ExpertDeployment)
-
-
-def build_expert_app(args: dict[str, Any]) -> serve.Application:
-    """Serve YAML builder: `import_path: mode_ray.serve.expert_server:build_expert_app`,
-    `args: {expert_dir: ..., expert: {num_cpus: ..., max_batch_size: ...}}`. Name the application
-    `expert-<card name>` so that the router's `application` metadata finds it."""
-    try:
-        parsed = ExpertAppArgs.model_validate(args if args is not None else {})
-    except ValidationError as e:
-        raise ValueError(f"build_expert_app: {format_validation_error(e, 'args')}") from None
-    return expert_application(parsed.expert_dir, parsed.expert)

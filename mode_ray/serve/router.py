@@ -96,7 +96,7 @@ class Router:
     @staticmethod
     def _deploy(path: Path, deployment: ExpertDeployment, name: str) -> None:
         """Deploy unless the app is already RUNNING (a router restart must not restart healthy experts)."""
-        from mode_ray.serve.expert_server import deploy_expert, serve_status
+        from mode_ray.serve.deploy import deploy_expert, serve_status
 
         status = serve_status().applications.get(expert_app_name(name))
         if status is not None and status.status.value == "RUNNING":
@@ -107,7 +107,7 @@ class Router:
         if entry.endpoint == "serve":
             from ray import serve
 
-            from mode_ray.serve.expert_server import SERVE_API_LOCK
+            from mode_ray.serve.deploy import SERVE_API_LOCK
 
             def delete() -> None:
                 with SERVE_API_LOCK:

@@ -23,7 +23,7 @@ from mode_ray.models.unet import UNET_PRESETS, UNet
 from mode_ray.proto.inference import grpc_predict_v2_pb2 as pb
 from mode_ray.proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from mode_ray.serve.config import ExpertDeployment
-from mode_ray.serve.expert_server import build_expert_app, deploy_expert
+from mode_ray.serve.deploy import build_expert_app, deploy_expert
 from mode_ray.serve.oip import decode_infer_response, decode_parameters, encode_infer_request
 
 TIMEOUT_S = 30.0

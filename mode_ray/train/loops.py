@@ -183,6 +183,7 @@ def _loss(cfg, model, x0, y, t, dim, g, device) -> torch.Tensor:  # type: ignore
 
 
 def _save(cfg: JobConfig, model, out: Path, data: Dataset, parts, summary: dict) -> None:  # type: ignore[no-untyped-def]
+    model = model.eval()  # dropout off, BatchNorm on running statistics for the metrics below
     dim = len(data.class_names)
     if cfg.kind == "gate":
         save_gate(out, model, {**summary, "partition": cfg.partition})

@@ -159,10 +159,13 @@ def classifier_accuracy(classifier: Classifier, data: Dataset) -> float:
 
 @torch.no_grad()
 def reference_fid(classifier: Classifier, train: Dataset, test: Dataset, n: int = 1000) -> float:
-    """FID between n real training images and the test set: the floor a perfect generator would reach."""
-    return round(
-        frechet_distance(classifier.features(train.images[:n]), classifier.features(test.images[:2000])), 3
-    )
+    """FID between n real training images (class-balanced, like the generated sets) and the same test
+    images the models are compared with: what a generator drawing real data would score at this n."""
+    classes = int(train.labels.max()) + 1
+    per_class = max(1, n // classes)
+    index = torch.cat([(train.labels == c).nonzero().flatten()[:per_class] for c in range(classes)])
+    real = classifier.features(train.images[index])
+    return round(frechet_distance(real, classifier.features(test.images[: max(len(index), 2000)])), 3)
 
 
 def write_report(out: Path, results: list[EvalResult], grids: dict[str, torch.Tensor], meta: dict) -> None:

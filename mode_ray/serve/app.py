@@ -41,7 +41,8 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
     )
     ingress = serve.deployment(Ingress).options(
         name="Ingress",
-        ray_actor_options={"num_cpus": 0.1},
-        max_ongoing_requests=1024,
+        num_replicas=a.ingress.num_replicas,
+        ray_actor_options={"num_cpus": a.ingress.num_cpus},
+        max_ongoing_requests=a.ingress.max_ongoing_requests,
     )
     return ingress.bind(router)

@@ -104,6 +104,15 @@ class RouterOptions(BaseModel):
     fp16_wire: bool = Field(False, description="send x as FP16 over gRPC (halves bytes; not bit-exact)")
 
 
+class IngressOptions(BaseModel):
+    """The HTTP + gRPC front deployment (stateless: scale it freely)."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.1, ge=0)
+    max_ongoing_requests: int = Field(1024, ge=1)
+
+
 class AppArgs(BaseModel):
     """Arguments of `mode_ray.serve.app:build_app` (Serve YAML `args:`) and of `mode-ray serve`."""
 
@@ -119,6 +128,7 @@ class AppArgs(BaseModel):
         default_factory=dict, description="per-expert deployment settings (placement, GPUs), by expert name"
     )
     router: RouterOptions = Field(default_factory=RouterOptions)
+    ingress: IngressOptions = Field(default_factory=IngressOptions)
     restore: bool = Field(True, description="re-deploy the experts recorded in state_dir on start")
 
     def deployment_for(self, name: str) -> ExpertDeployment:

@@ -56,18 +56,26 @@ class Router:
 
     # ---- experts ------------------------------------------------------------------------------------
     def _client(self, name: str) -> GrpcExpertClient:
-        entry = self.registry.get(name)
-        endpoint = entry.endpoint if entry else "serve"
-        key = f"{name}@{endpoint}"
-        if key not in self._clients:
-            self._clients[key] = GrpcExpertClient.for_entry(
+        """The client of a registered expert (cached: this is on the engine's per-tick path)."""
+        client = self._clients.get(name)
+        if client is None:
+            entry = self.registry.get(name)
+            endpoint = entry.endpoint if entry else "serve"
+            client = GrpcExpertClient.for_entry(
                 name, endpoint, self.args.grpc_target, self.args.router.fp16_wire
             )
-        return self._clients[key]
+            self._clients[name] = client
+        return client
 
     async def _start(self) -> None:
         """Restore the registry (re-deploying missing expert apps) or seed it from the model directory."""
-        if not self.registry.entries() or not self.args.restore:
+        if not self.args.restore:  # start from the model directory: forget (and undeploy) hot-added experts
+            for e in self.registry.entries():
+                if e.name in self.config.experts:
+                    self.registry.remove(e.name)
+                else:
+                    await self._teardown(e)
+        if not self.registry.entries():
             for name in self.config.experts:
                 path = self.args.model_dir / "experts" / name
                 card = load_card(path)
@@ -111,10 +119,12 @@ class Router:
 
             def delete() -> None:
                 with SERVE_API_LOCK:
-                    serve.delete(expert_app_name(entry.name))
+                    if expert_app_name(entry.name) in serve.status().applications:
+                        serve.delete(expert_app_name(entry.name))
 
             await asyncio.to_thread(delete)
         self.registry.remove(entry.name)
+        self._clients.pop(entry.name, None)
 
     async def ready(self) -> bool:
         await asyncio.shield(self._started)

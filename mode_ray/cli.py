@@ -352,6 +352,13 @@ def eval_cmd(
         "reference_fid_real_train_vs_test": reference_fid(judge, load_mnist("train"), test, num_samples),
         "classifier_test_accuracy": classifier_accuracy(judge, test),
     }
+    from mode_ray.train.evaluate import gate_accuracy_by_sigma
+
+    for path in model:
+        try:  # the learned gate alone, unconditional: how well it estimates p(k | x, sigma)
+            meta[f"gate_accuracy_uncond_{path.name}"] = gate_accuracy_by_sigma(load_bundle(path), test)
+        except ValueError:
+            pass  # no learned gate, or experts not split by label group
     write_report(out, results, grids, meta)
     typer.echo(markdown_table(results))
 

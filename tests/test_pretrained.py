@@ -40,3 +40,14 @@ def test_same_seed_same_images(bundle) -> None:  # noqa: ANN001
     a = generate_local(bundle.mixture, bundle.config, bundle.encoder, p).images
     b = generate_local(bundle.mixture, bundle.config, bundle.encoder, p).images
     assert torch.equal(a, b)
+
+
+def test_learned_gate_estimates_the_partition_posterior(bundle) -> None:  # noqa: ANN001
+    """Without the condition the gate must find the expert from x at low noise, and fall back to the prior
+    (about the largest group's share) at high noise."""
+    from mode_ray.train.data import load_mnist
+    from mode_ray.train.evaluate import gate_accuracy_by_sigma
+
+    acc = gate_accuracy_by_sigma(bundle, load_mnist("test"), n=1000)
+    assert acc["0.002-0.02"] > 0.9 and acc["0.2-2"] > 0.8
+    assert acc["20-80"] < 0.5

@@ -14,6 +14,7 @@ import torch
 from mode_ray.diffusion import edm_loss
 from mode_ray.models.conditions import one_hot
 from mode_ray.routing.bundle import MixtureBundle
+from mode_ray.routing.gates import LearnedGate
 from mode_ray.routing.generation import GenerateParams, generate_local
 from mode_ray.train.classifier import Classifier
 from mode_ray.train.data import Dataset
@@ -150,6 +151,35 @@ def markdown_table(results: list[EvalResult]) -> str:
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+@torch.no_grad()
+def gate_accuracy_by_sigma(
+    bundle: MixtureBundle, test: Dataset, n: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """How often the learned gate alone, without the condition, names the expert whose label group holds a
+    held-out image, per sigma bucket: its estimate of p(k | x, sigma). Needs label-group experts."""
+    gate = bundle.mixture.gate
+    learned = next((g for g in getattr(gate, "gates", [gate]) if isinstance(g, LearnedGate)), None)
+    if learned is None:
+        raise ValueError(f"mixture {bundle.config.name!r} has no learned gate")
+    owner = torch.full((bundle.encoder.dim,), -1)
+    for card in bundle.mixture.cards:
+        kind, _, labels = card.data.partition.partition(":")
+        if kind != "labels":
+            raise ValueError(f"expert {card.name!r} is not a label-group expert ({card.data.partition!r})")
+        owner[[int(v) for v in labels.split(",")]] = learned.experts.index(card.name)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(test), generator=g)[:n]
+    x0, target = test.images[idx], owner[test.labels[idx]]
+    out = {}
+    for lo, hi in SIGMA_BUCKETS:
+        sigma = torch.exp(torch.empty(n).uniform_(math.log(lo), math.log(hi), generator=g))
+        x = x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
+        out[f"{lo:g}-{hi:g}"] = round(
+            float((learned.net(x, sigma, None).argmax(1) == target).float().mean()), 4
+        )
+    return out
 
 
 @torch.no_grad()

@@ -12,3 +12,8 @@ mode-ray train classifier --out "$OUT/classifier" --steps 1500 --batch-size 128
 # Dense baselines with the same total training FLOPs as the four experts together:
 mode-ray train dense --out "$BASELINES/dense-active" --preset s2 --match-compute "$OUT"  # = top-2 active params
 mode-ray train dense --out "$BASELINES/dense-total" --preset m --match-compute "$OUT"    # = total params
+# Quality table (README): both guidance settings, 1000 samples per model.
+mode-ray eval --model "$OUT" --model "$BASELINES/dense-active" --model "$BASELINES/dense-total" \
+  --num-samples 1000 --out runs/eval
+mode-ray eval --model "$OUT" --model "$BASELINES/dense-active" --model "$BASELINES/dense-total" \
+  --num-samples 1000 --guidance-scale 1.0 --out runs/eval-g1

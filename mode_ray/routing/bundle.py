@@ -7,6 +7,7 @@ gate/          gate.json + model.safetensors (LearnedGateNet)
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -76,8 +77,6 @@ def save_gate(path: str | Path, net: LearnedGateNet, metrics: dict | None = None
         str(path / "model.safetensors"),
     )
     card = {"kind": "learned", "config": net.config.to_dict(), "metrics": metrics or {}}
-    import json
-
     (path / GATE_CARD).write_text(json.dumps(card, indent=2) + "\n")
     return path
 

@@ -306,13 +306,7 @@ class StepEngine:
             for i in failed:
                 self.metrics.dropped_mass.inc(mass / len(failed), tags={"expert": a.snapshot.entries[i].name})
         sigma = float(plan.sigma[0])
-        base = (
-            routing
-            if routing.indices.shape[0] == plan.base.indices.shape[0]
-            else Routing(
-                routing.indices[: plan.base.indices.shape[0]], routing.weights[: plan.base.indices.shape[0]]
-            )
-        )
+        base = routing.first(plan.base.indices.shape[0])
         a.trace.append(trace_step(a.evals, sigma, base, a.snapshot.names, dropped).to_dict())
         with torch.no_grad():
             a.traj.advance(finish_step(plan, outputs, routing))

@@ -6,6 +6,7 @@ turns results into PNG grids or raw arrays. All generation work happens in the r
 
 import base64
 import hmac
+import json
 from typing import Any, Literal
 
 import grpc
@@ -17,6 +18,7 @@ from pydantic import Field, ValidationError
 from ray import serve
 
 from mode_ray import env
+from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
 from mode_ray.routing.generation import GenerateParams
 from mode_ray.routing.images import png_bytes
 from mode_ray.serve.engine import DeadlineExceeded, GenerationFailed, GenerationResult, Overloaded, Progress
@@ -191,8 +193,6 @@ class Ingress:
         return params, (request.deadline_s if request.HasField("deadline_s") else None)
 
     def _grpc_response(self, r: GenerationResult, output: str) -> Any:
-        from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
-
         response = gen.GenerateResponse(request_id=r.request_id, labels=r.labels, seconds=r.seconds)
         if output == "raw":
             arr = np.ascontiguousarray(r.images.numpy().astype("<f4"))
@@ -212,8 +212,6 @@ class Ingress:
         context.set_details(_message(e))
 
     async def Generate(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - gRPC method name
-        from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
-
         try:
             params, deadline = self._grpc_params(request)
             result = await self.router.generate.remote(params, deadline)
@@ -223,8 +221,6 @@ class Ingress:
             return gen.GenerateResponse()
 
     async def GenerateStream(self, request: Any, grpc_context: Any = None):  # noqa: N802, ANN201
-        from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
-
         try:
             params, deadline = self._grpc_params(request)
             stream = self.router.options(stream=True).generate_stream.remote(params, deadline)
@@ -241,12 +237,8 @@ class Ingress:
             await self._grpc_fail(grpc_context, e)
 
     async def ListExperts(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
-        from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
-
         listing = await self.router.list_experts.remote()
         response = gen.ListExpertsResponse(registry_version=listing["registry_version"])
-        import json
-
         for e in listing["experts"]:
             response.experts.add(
                 name=e["name"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,6 +50,14 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * mid)
 
 
+def noise_by_bucket(x0: torch.Tensor, g: torch.Generator) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Per SIGMA_BUCKETS entry: its name, sigma (N,) log-uniform inside it, and noise shaped like x0 (N, ...)."""
+    n = x0.shape[0]
+    for lo, hi in SIGMA_BUCKETS:
+        sigma = torch.exp(torch.empty(n).uniform_(math.log(lo), math.log(hi), generator=g))
+        yield f"{lo:g}-{hi:g}", sigma, torch.randn(x0.shape, generator=g)
+
+
 @torch.no_grad()
 def denoising_loss_by_sigma(
     bundle: MixtureBundle, test: Dataset, n: int = 512, seed: int = 0
@@ -57,12 +66,10 @@ def denoising_loss_by_sigma(
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(test), generator=g)[:n]
     x0, cond = test.images[idx], one_hot(test.labels[idx], bundle.encoder.dim)
-    out = {}
-    for lo, hi in SIGMA_BUCKETS:
-        sigma = torch.exp(torch.empty(n).uniform_(math.log(lo), math.log(hi), generator=g))
-        noise = torch.randn(x0.shape, generator=g)
-        out[f"{lo:g}-{hi:g}"] = round(float(edm_loss(bundle.mixture, x0, sigma, cond, noise).mean()), 5)
-    return out
+    return {
+        bucket: round(float(edm_loss(bundle.mixture, x0, sigma, cond, noise).mean()), 5)
+        for bucket, sigma, noise in noise_by_bucket(x0, g)
+    }
 
 
 @torch.no_grad()
@@ -173,12 +180,9 @@ def gate_accuracy_by_sigma(
     idx = torch.randperm(len(test), generator=g)[:n]
     x0, target = test.images[idx], owner[test.labels[idx]]
     out = {}
-    for lo, hi in SIGMA_BUCKETS:
-        sigma = torch.exp(torch.empty(n).uniform_(math.log(lo), math.log(hi), generator=g))
-        x = x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
-        out[f"{lo:g}-{hi:g}"] = round(
-            float((learned.net(x, sigma, None).argmax(1) == target).float().mean()), 4
-        )
+    for bucket, sigma, noise in noise_by_bucket(x0, g):
+        x = x0 + sigma.reshape(-1, 1, 1, 1) * noise
+        out[bucket] = round(float((learned.net(x, sigma, None).argmax(1) == target).float().mean()), 4)
     return out
 
 

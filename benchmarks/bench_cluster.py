@@ -26,7 +26,7 @@ import httpx
 import torch
 
 from mode_ray.cli import DEFAULT_MODEL
-from mode_ray.routing import GenerateParams, generate_local, load_bundle
+from mode_ray.generation import GenerateParams, generate_local, load_bundle
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -88,7 +88,6 @@ def main() -> None:
         generate_local(
             bundle.mixture,
             bundle.config,
-            bundle.encoder,
             GenerateParams(**params(i, args.steps, args.images)),
         )
 
@@ -110,7 +109,6 @@ def main() -> None:
     generate_local(
         bundle.mixture,
         bundle.config,
-        bundle.encoder,
         GenerateParams(prompt=3, num_images=16 * args.images, seed=0, steps=args.steps),
     )
     ideal = 16 * args.images / (time.perf_counter() - t0)

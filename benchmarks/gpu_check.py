@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mode_ray.cli import DEFAULT_MODEL  # noqa: E402
 from mode_ray.diffusion import EDMPrecond, edm_loss, sample_training_sigmas  # noqa: E402
+from mode_ray.generation import GenerateParams, generate_local, load_bundle  # noqa: E402
 from mode_ray.models.unet import UNET_PRESETS, UNet  # noqa: E402
-from mode_ray.routing import GenerateParams, generate_local, load_bundle  # noqa: E402
 
 
 def timed(fn, repeats: int = 5) -> float:  # noqa: ANN001
@@ -40,14 +40,14 @@ def main() -> None:
     cpu = load_bundle(DEFAULT_MODEL, "cpu")
     gpu = load_bundle(DEFAULT_MODEL, "cuda")
     p = GenerateParams(prompt=7, num_images=16, seed=0)
-    a = generate_local(cpu.mixture, cpu.config, cpu.encoder, p).images
-    b = generate_local(gpu.mixture, gpu.config, gpu.encoder, p).images
+    a = generate_local(cpu.mixture, cpu.config, p).images
+    b = generate_local(gpu.mixture, gpu.config, p).images
     out["cuda_vs_cpu_max_abs_diff_16_images"] = float((a - b).abs().max())
 
     rows = {}
     for n in (1, 16, 64, 256):
         params = GenerateParams(prompt=3, num_images=n, seed=1)
-        s = timed(lambda params=params: generate_local(gpu.mixture, gpu.config, gpu.encoder, params), 3)
+        s = timed(lambda params=params: generate_local(gpu.mixture, gpu.config, params), 3)
         rows[n] = {"seconds": round(s, 4), "images_per_s": round(n / s, 1)}
     out["in_process_mixture_heun18_top2_cfg"] = rows
 

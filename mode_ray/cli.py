@@ -8,6 +8,10 @@ from typing import Annotated
 
 import typer
 
+from mode_ray.diffusion.samplers import SamplerName
+from mode_ray.generation.params import DEFAULT_NUM_IMAGES
+from mode_ray.models.unet import PresetName
+
 app = typer.Typer(
     help="mode_ray: serve and train a Mixture of Diffusion Experts on Ray.",
     no_args_is_help=True,
@@ -68,7 +72,7 @@ def train_experts_cmd(
         str, typer.Option(help="'labels:0,6|1,7|...' (label groups) or 'kmeans:<k>'")
     ] = DEFAULT_PARTITION,
     shard: Annotated[list[int] | None, typer.Option(help="train only these shards (repeatable)")] = None,
-    preset: Annotated[str, typer.Option(help="UNet size preset (xs, s, s2, m, l)")] = "s",
+    preset: Annotated[PresetName, typer.Option(help="UNet size preset")] = "s",
     steps: Steps = 2000,
     batch_size: Batch = 64,
     lr: Lr = 2e-3,
@@ -110,7 +114,27 @@ train_app.command("expert", help="Alias of `train experts`; with --shard N it tr
 
 @train_app.command("gate")
 def train_gate_cmd(
-    mixture: Annotated[Path, typer.Option(help="mixture directory whose experts the gate routes between")],
+    mixture: Annotated[
+        Path | None, typer.Option(help="mixture directory whose experts the gate routes between")
+    ] = None,
+    extend: Annotated[
+        Path | None,
+        typer.Option(
+            help="mixture directory whose learned gate gets one new row per --expert (old rows frozen)"
+        ),
+    ] = None,
+    expert: Annotated[
+        list[Path] | None, typer.Option(help="with --extend: a hot-added expert directory (repeatable)")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="with --extend: where to write the gate (default <mixture>/gates/<n>)")
+    ] = None,
+    publish: Annotated[
+        str | None, typer.Option(help="with --extend: publish the new gate to this running cluster (its URL)")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="MODE_RAY_ADMIN_TOKEN", help="admin token for --publish")
+    ] = None,
     steps: Steps = 1500,
     batch_size: Batch = 128,
     lr: Lr = 2e-3,
@@ -121,18 +145,42 @@ def train_gate_cmd(
     address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
-    """Train the learned gate p(k | x, sigma, cond) on the experts' partitions."""
-    from mode_ray.train.jobs import train_gate
+    """Train the learned gate p(k | x, sigma, cond) on the experts' partitions (--mixture), or extend it
+    with rows for hot-added experts without retraining the rest (--extend M --expert DIR)."""
+    from mode_ray.train.jobs import extend_gate, train_gate
 
+    if (mixture is None) == (extend is None):
+        raise typer.BadParameter("give exactly one of --mixture (train) and --extend (add rows)")
+    if extend is not None and not expert:
+        raise typer.BadParameter("--extend needs at least one --expert directory")
+    if extend is None and (expert or out or publish):
+        raise typer.BadParameter("--expert, --out and --publish go with --extend")
     _ray(address, num_cpus)
     base = _job(kind="gate", name="gate", steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    typer.echo(f"wrote {train_gate(mixture, base, workers, cpus_per_worker, gpu)}")
+    try:
+        if mixture is not None:
+            typer.echo(f"wrote {train_gate(mixture, base, workers, cpus_per_worker, gpu)}")
+            return
+        assert extend is not None and expert
+        path = extend_gate(extend, list(expert), base, workers, cpus_per_worker, gpu, out)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {path}")
+    if publish:
+        from mode_ray.client import ClusterError, publish_gate
+
+        try:
+            typer.echo(f"published: {publish_gate(publish, str(path.resolve()), token)}")
+        except ClusterError as e:
+            typer.echo(str(e), err=True)
+            raise typer.Exit(2) from None
 
 
 @train_app.command("dense")
 def train_dense_cmd(
     out: Annotated[Path, typer.Option(help="directory of the one-expert mixture to write")],
-    preset: Annotated[str, typer.Option(help="UNet size preset (xs, s, s2, m, l)")] = "s2",
+    preset: Annotated[PresetName, typer.Option(help="UNet size preset")] = "s2",
     steps: Annotated[int | None, typer.Option(help="optimizer steps (default: from --match-compute)")] = None,
     match_compute: Annotated[
         Path | None,
@@ -150,7 +198,7 @@ def train_dense_cmd(
     num_cpus: NumCpus = None,
 ) -> None:
     """Train a dense baseline of the same backbone family on all the data."""
-    from mode_ray.routing.bundle import load_config
+    from mode_ray.generation.bundle import load_config
     from mode_ray.train.jobs import train_dense
     from mode_ray.train.loops import steps_for_compute
 
@@ -206,24 +254,20 @@ def train_classifier_cmd(
     typer.echo(f"wrote {fit(cfg, out, workers, cpus_per_worker, gpu)}")
 
 
-def _write_output(out: Path, images, labels: list[int], trace: list[dict], nrow: int | None) -> None:  # type: ignore[no-untyped-def]
+def _write_output(out: Path, result) -> None:  # type: ignore[no-untyped-def]
     import json
 
     import numpy as np
 
-    from mode_ray.routing.images import save_grid
-
     if out.suffix == ".npz":
         np.savez(
             out,
-            images=images.numpy().astype(np.float32),
-            labels=np.asarray(labels, np.int64),
-            trace=np.asarray(json.dumps(trace)),
+            images=result.raw(),
+            labels=np.asarray(result.labels, np.int64),
+            trace=np.asarray(json.dumps([t.to_dict() for t in result.trace])),
         )
-    elif out.suffix == ".png":
-        save_grid(images, out, nrow)
     else:
-        raise typer.BadParameter(f"--out must end in .png or .npz, got {out}")
+        out.write_bytes(result.png())
 
 
 @app.command()
@@ -231,12 +275,10 @@ def generate(
     prompt: Annotated[
         str | None, typer.Option(help="class to draw: 7, 'seven', 'digit 7'; omit for unconditional")
     ] = None,
-    num_images: Annotated[int, typer.Option(help="images to generate")] = 16,
+    num_images: Annotated[int, typer.Option(help="images to generate")] = DEFAULT_NUM_IMAGES,
     seed: Annotated[int | None, typer.Option(help="random seed; the same seed gives the same images")] = None,
     steps: Annotated[int | None, typer.Option(help="sampler steps (default: the model's)")] = None,
-    sampler: Annotated[
-        str | None, typer.Option(help="euler, ddim, heun or dpmpp_2m (default: the model's)")
-    ] = None,
+    sampler: Annotated[SamplerName | None, typer.Option(help="sampler (default: the model's)")] = None,
     guidance_scale: Annotated[float | None, typer.Option(help="classifier-free guidance (1 = off)")] = None,
     top_k: Annotated[int | None, typer.Option(help="experts per step (default: the model's)")] = None,
     top_p: Annotated[
@@ -260,6 +302,8 @@ def generate(
     ] = "http://127.0.0.1:8000",
 ) -> None:
     """Generate images from the shipped mixture in-process (--local) or from a running cluster (--url)."""
+    if out.suffix not in (".png", ".npz"):
+        raise typer.BadParameter(f"--out must end in .png or .npz, got {out}")
     fields = {
         "prompt": prompt,
         "num_images": num_images,
@@ -276,30 +320,31 @@ def generate(
     if local:
         from pydantic import ValidationError
 
+        from mode_ray.generation import GenerateParams, generate_local, load_bundle
         from mode_ray.models.card import format_validation_error
-        from mode_ray.routing import GenerateParams, generate_local, load_bundle
 
         try:
             params = GenerateParams(**fields)
             bundle = load_bundle(model)
-            gen = generate_local(bundle.mixture, bundle.config, bundle.encoder, params)
+            result = generate_local(bundle.mixture, bundle.config, params)
         except ValidationError as e:
             raise typer.BadParameter(format_validation_error(e, "generate")) from None
         except (ValueError, FileNotFoundError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
-        _write_output(out, gen.images, gen.labels, [t.to_dict() for t in gen.trace], None)
-        typer.echo(f"wrote {out} ({num_images} images, seed {gen.seed})")
-        return
-    from mode_ray.serve.client import ClusterError, generate_remote
+        source = ""
+    else:
+        from mode_ray.client import ClusterError
+        from mode_ray.client import generate as generate_remote
 
-    try:
-        result = generate_remote(url, fields)
-    except ClusterError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2) from None
-    _write_output(out, result.images, result.labels, result.trace, None)
-    typer.echo(f"wrote {out} ({num_images} images, seed {result.seed}) from {url}")
+        try:
+            result = generate_remote(url, fields)
+        except ClusterError as e:
+            typer.echo(str(e), err=True)
+            raise typer.Exit(2) from None
+        source = f" from {url}"
+    _write_output(out, result)
+    typer.echo(f"wrote {out} ({num_images} images, seed {result.seed}){source}")
 
 
 @app.command("eval")
@@ -314,7 +359,7 @@ def eval_cmd(
         int, typer.Option(help="class-conditional samples per model (split evenly by class)")
     ] = 1000,
     steps: Annotated[int | None, typer.Option(help="sampler steps (default: each model's)")] = None,
-    sampler: Annotated[str | None, typer.Option(help="sampler (default: each model's)")] = None,
+    sampler: Annotated[SamplerName | None, typer.Option(help="sampler (default: each model's)")] = None,
     guidance_scale: Annotated[float | None, typer.Option(help="guidance (default: each model's)")] = None,
     top_k: Annotated[int | None, typer.Option(help="experts per step (default: each model's)")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
@@ -322,7 +367,7 @@ def eval_cmd(
     """Accuracy, classifier-FID and denoising loss per sigma bucket for each model, side by side."""
     import torch
 
-    from mode_ray.routing import load_bundle
+    from mode_ray.generation import load_bundle
     from mode_ray.train.classifier import load_classifier
     from mode_ray.train.data import load_mnist
     from mode_ray.train.evaluate import evaluate, markdown_table, write_report
@@ -374,7 +419,7 @@ Token = Annotated[
 def _cluster(call):  # type: ignore[no-untyped-def]
     import json
 
-    from mode_ray.serve.client import ClusterError
+    from mode_ray.client import ClusterError
 
     try:
         typer.echo(json.dumps(call(), indent=2))
@@ -386,7 +431,7 @@ def _cluster(call):  # type: ignore[no-untyped-def]
 @experts_app.command("list")
 def experts_list(url: Url = "http://127.0.0.1:8000") -> None:
     """The registered experts, their state and the registry version."""
-    from mode_ray.serve.client import list_experts
+    from mode_ray.client import list_experts
 
     def brief() -> dict:
         listing = list_experts(url)
@@ -410,7 +455,7 @@ def experts_add(
     token: Token = None,
 ) -> None:
     """Hot-add an expert: validated, deployed as its own Serve app, routable once it answers ModelReady."""
-    from mode_ray.serve.client import add_expert
+    from mode_ray.client import add_expert
 
     _cluster(lambda: add_expert(url, path, token, endpoint))
 
@@ -422,9 +467,26 @@ def experts_remove(
     token: Token = None,
 ) -> None:
     """Drain an expert (requests in flight finish with it), then delete its Serve app."""
-    from mode_ray.serve.client import remove_expert
+    from mode_ray.client import remove_expert
 
     _cluster(lambda: remove_expert(url, name, token))
+
+
+gate_app = typer.Typer(help="Publish a learned gate to a running cluster.", no_args_is_help=True)
+app.add_typer(gate_app, name="gate")
+
+
+@gate_app.command("publish")
+def gate_publish(
+    path: Annotated[str, typer.Argument(help="learned gate directory (under the model dir or expert root)")],
+    url: Url = "http://127.0.0.1:8000",
+    token: Token = None,
+) -> None:
+    """Route new requests with this gate (e.g. from `train gate --extend`): a new registry version, no
+    redeploy; requests in flight keep their gate."""
+    from mode_ray.client import publish_gate
+
+    _cluster(lambda: publish_gate(url, path, token))
 
 
 @app.command()

@@ -21,8 +21,8 @@ Serve cluster with every expert its own deployment (see the README).""",
 from IPython.display import Image, display
 
 from mode_ray.cli import DEFAULT_MODEL
-from mode_ray.routing import GenerateParams, generate_local, load_bundle
-from mode_ray.routing.images import png_bytes
+from mode_ray.generation import GenerateParams, generate_local, load_bundle
+from mode_ray.generation.images import png_bytes
 
 torch.set_num_threads(2)
 bundle = load_bundle(DEFAULT_MODEL)
@@ -35,10 +35,10 @@ print("defaults:", bundle.config.sampler, bundle.config.steps, "steps, top_k", b
     ("md", "## Class-conditional generation\nThe same seed gives the same images."),
     (
         "code",
-        """gen = generate_local(bundle.mixture, bundle.config, bundle.encoder,
+        """gen = generate_local(bundle.mixture, bundle.config,
                      GenerateParams(prompt="seven", num_images=16, seed=0))
 display(Image(png_bytes(gen.images, nrow=8)))
-again = generate_local(bundle.mixture, bundle.config, bundle.encoder,
+again = generate_local(bundle.mixture, bundle.config,
                        GenerateParams(prompt="seven", num_images=16, seed=0))
 assert torch.equal(gen.images, again.images)""",
     ),
@@ -61,7 +61,7 @@ image forms it commits.""",
     ),
     (
         "code",
-        """uncond = generate_local(bundle.mixture, bundle.config, bundle.encoder,
+        """uncond = generate_local(bundle.mixture, bundle.config,
                         GenerateParams(num_images=8, seed=1, guidance_scale=1.0))
 display(Image(png_bytes(uncond.images, nrow=8)))
 first, last = uncond.trace[0], uncond.trace[-1]

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from mode_ray.diffusion import EDMPrecond
+from mode_ray.generation.bundle import GateSpec, MixtureConfig, save_gate
 from mode_ray.models import ExpertCard, UNet, save_expert
 from mode_ray.models.unet import UNET_PRESETS
-from mode_ray.routing.bundle import GateSpec, MixtureConfig, save_gate
 from mode_ray.routing.gates import LearnedGateConfig, LearnedGateNet
 
 XS = UNET_PRESETS["xs"]

@@ -5,13 +5,14 @@ Nothing here imports ray or grpc; `routing`, `serve` and `train` build on it.
 
 from mode_ray.diffusion.denoiser import Denoiser, EDMPrecond
 from mode_ray.diffusion.loss import edm_loss, sample_training_sigmas
-from mode_ray.diffusion.samplers import SAMPLERS, Trajectory, make_trajectory, sample
+from mode_ray.diffusion.samplers import SAMPLERS, SamplerName, Trajectory, make_trajectory, sample
 from mode_ray.diffusion.schedules import karras_sigmas
 
 __all__ = [
     "Denoiser",
     "EDMPrecond",
     "SAMPLERS",
+    "SamplerName",
     "Trajectory",
     "edm_loss",
     "karras_sigmas",

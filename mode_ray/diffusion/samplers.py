@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
+
+SamplerName = Literal["euler", "ddim", "heun", "dpmpp_2m"]  # the one list of sampler names
 
 
 class Trajectory:
     """One request's sampling state. x: (B, C, H, W); sigmas: (steps + 1,) ending in 0."""
 
     name = "base"
-    evals_per_step = 1
 
     def __init__(self, x: torch.Tensor, sigmas: torch.Tensor) -> None:
         if sigmas.ndim != 1 or len(sigmas) < 2 or float(sigmas[-1]) != 0.0:
@@ -71,7 +73,6 @@ class Heun(Trajectory):
     """Heun's 2nd-order method (Karras Alg. 1): an Euler predictor and a trapezoidal corrector."""
 
     name = "heun"
-    evals_per_step = 2
 
     def __init__(self, x: torch.Tensor, sigmas: torch.Tensor) -> None:
         super().__init__(x, sigmas)
@@ -130,6 +131,7 @@ class DPMpp2M(Trajectory):
 
 
 SAMPLERS: dict[str, type[Trajectory]] = {"euler": Euler, "ddim": Euler, "heun": Heun, "dpmpp_2m": DPMpp2M}
+assert tuple(SAMPLERS) == get_args(SamplerName)
 
 
 def make_trajectory(sampler: str, x: torch.Tensor, sigmas: torch.Tensor) -> Trajectory:

@@ -83,8 +83,15 @@ class ExpertCard(BaseModel):
             )
         return self
 
-    def save(self, path: Path) -> None:
-        path.write_text(self.model_dump_json(indent=2) + "\n")
+    @model_validator(mode="after")
+    def _parametrization_fits_backbone(self) -> ExpertCard:
+        expected = "ddpm" if self.backbone == "diffusers_unet2d" else "edm"
+        if self.parametrization.kind != expected:
+            raise ValueError(
+                f"parametrization.kind: a {self.backbone!r} backbone needs {expected!r}, "
+                f"got {self.parametrization.kind!r}"
+            )
+        return self
 
     @classmethod
     def load(cls, path: Path) -> ExpertCard:

@@ -57,16 +57,28 @@ def build_denoiser(card: ExpertCard) -> nn.Module:
     return DiffusersVPAdapter(unet, alphas_cumprod_from_config(p.scheduler_config), p.prediction_type)
 
 
-def save_expert(path: str | Path, card: ExpertCard, denoiser: nn.Module) -> Path:
-    """Write `card` and the denoiser's weights (contiguous CPU tensors) to the directory `path`."""
+def save_artifact(
+    path: str | Path,
+    card_file: str,
+    card_json: str,
+    module: nn.Module,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """The one saver of every artifact (experts, gates, the classifier): a directory holding the JSON card
+    `card_file` and the module's weights as contiguous CPU tensors in `model.safetensors`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt", **(metadata or {})})
+    (path / card_file).write_text(card_json.rstrip("\n") + "\n")
+    return path
+
+
+def save_expert(path: str | Path, card: ExpertCard, denoiser: nn.Module) -> Path:
+    """Write `card` and the denoiser's weights to the directory `path`."""
     if card.parameters == 0:
         card = card.model_copy(update={"parameters": sum(p.numel() for p in denoiser.parameters())})
-    state = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
-    save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt", "expert": card.name})
-    card.save(path / CARD_FILE)
-    return path
+    return save_artifact(path, CARD_FILE, card.model_dump_json(indent=2), denoiser, {"expert": card.name})
 
 
 def load_card(path: str | Path) -> ExpertCard:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,7 @@ class UNetConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
+PresetName = Literal["xs", "s", "s2", "m", "l"]  # the CLI's choices
 UNET_PRESETS: dict[str, UNetConfig] = {
     # Parameter counts at cond_dim=10; forward cost per 28x28 sample in brackets.
     "xs": UNetConfig(channels=(8, 16), attention_levels=(), emb_dim=16, groups=4),  # 38k: tests only
@@ -49,6 +51,7 @@ UNET_PRESETS: dict[str, UNetConfig] = {
         channels=(128, 256, 256), blocks_per_level=2, attention_levels=(1, 2), emb_dim=512
     ),  # 27M: GPU
 }
+assert tuple(UNET_PRESETS) == get_args(PresetName)
 
 
 class FourierEmbedding(nn.Module):

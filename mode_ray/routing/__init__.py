@@ -1,30 +1,28 @@
-"""Gates, top-k / top-p routing, combination and the in-process Mixture. Pure torch: no ray, no grpc."""
+"""Gates, top-k / top-p routing, the step plan (combine, guidance) and the in-process Mixture.
+Pure torch: no ray, no grpc, and no request handling (that is `mode_ray.generation`)."""
 
-from mode_ray.routing.bundle import MixtureBundle, MixtureConfig, load_bundle
-from mode_ray.routing.combine import combine, dispatch
 from mode_ray.routing.gates import Gate, LearnedGate, LearnedGateNet, NoiseGate, PrototypeGate, SumGate
-from mode_ray.routing.generation import GenerateParams, Generation, generate_local
 from mode_ray.routing.mixture import Mixture
-from mode_ray.routing.topk import Routing, drop_experts, top_k, top_p
+from mode_ray.routing.step import StepPlan, allowed_mask, combine, dispatch, finish_step, plan_step
+from mode_ray.routing.topk import NoExpertLeft, Routing, drop_experts, top_k, top_p
 
 __all__ = [
     "Gate",
-    "GenerateParams",
-    "Generation",
     "LearnedGate",
     "LearnedGateNet",
     "Mixture",
-    "MixtureBundle",
-    "MixtureConfig",
+    "NoExpertLeft",
     "NoiseGate",
     "PrototypeGate",
     "Routing",
+    "StepPlan",
     "SumGate",
+    "allowed_mask",
     "combine",
     "dispatch",
     "drop_experts",
-    "generate_local",
-    "load_bundle",
+    "finish_step",
+    "plan_step",
     "top_k",
     "top_p",
 ]

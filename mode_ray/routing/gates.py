@@ -3,7 +3,7 @@
 - `PrototypeGate`: `cos(cond, mu_k) / tau`; a hot-added expert is routable at once from its card.
 - `NoiseGate`: 0 inside an expert's sigma interval, -inf outside (eDiff-I / Wan 2.2 switching).
 - `LearnedGate`: a small classifier estimating `p(k | x, sigma, cond)` (Decentralized Diffusion Models).
-  It scores only the experts it was trained on; others get 0 from it and are scored by the other gates.
+  It abstains for experts it was not trained on (see `LearnedGate`) until it is extended with a row for them.
 """
 
 from __future__ import annotations
@@ -112,8 +112,31 @@ class LearnedGateNet(nn.Module):
         return self.head(h).log_softmax(dim=1)  # (B, N_trained)
 
 
+ABSTAIN_MARGIN = 1e3  # below the lowest known log-probability: exp(-1e3) is exactly 0 in float32 and float64
+
+
+def is_null(cond: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    """(B,) bool: rows whose condition is the null condition (cond None, or an all-zeros row)."""
+    if cond is None:
+        return torch.ones(batch, dtype=torch.bool, device=device)
+    return ~cond.ne(0).any(dim=1)
+
+
 class LearnedGate(Gate):
-    """Maps the net's outputs onto the current expert list by name; unknown experts get 0."""
+    """The net's log-probabilities `log p(k | x, sigma, cond)` mapped onto the current experts by name.
+
+    For an expert the net was not trained on (hot-added, not yet extended with `mode-ray train gate
+    --extend`), the learned gate *abstains*:
+    - on null-condition rows (unconditional requests), which only the learned gate can route, the unknown
+      expert scores `ABSTAIN_MARGIN` below the lowest known log-probability of the row: it gets no weight
+      beside any known expert, so unconditional sampling is exactly what it was before the hot-add; it is
+      still routable when nothing else is allowed (pinned alone, or every known expert outside its sigma
+      interval);
+    - on conditional rows it scores the mean of the row's known log-probabilities, neither boosting nor
+      sinking it: the prototype and noise gates decide.
+    Experts the net knows but that are not in `experts` are left out (softmax renormalises over the rest).
+    When the net knows none of `experts`, it abstains everywhere (all zeros).
+    """
 
     def __init__(self, net: LearnedGateNet) -> None:
         super().__init__()
@@ -124,11 +147,22 @@ class LearnedGate(Gate):
         return self.net.config.experts
 
     def forward(self, x, sigma, cond, experts):  # type: ignore[no-untyped-def]
-        scores = self.net(x, sigma, cond)  # (B, N_trained)
+        rows = [self.experts.index(c.name) if c.name in self.experts else -1 for c in experts]
+        known = [k for k, r in enumerate(rows) if r >= 0]
         logits = x.new_zeros(x.shape[0], len(experts))
-        for k, card in enumerate(experts):
-            if card.name in self.experts:
-                logits[:, k] = scores[:, self.experts.index(card.name)]
+        if not known:
+            return logits
+        scores = self.net(x, sigma, cond)[:, [rows[k] for k in known]]  # (B, N_known) log-probabilities
+        logits[:, known] = scores.to(logits.dtype)
+        if len(known) < len(experts):
+            null = is_null(cond, x.shape[0], x.device)[:, None]  # (B, 1)
+            abstain = torch.where(
+                null,
+                scores.min(dim=1, keepdim=True).values - ABSTAIN_MARGIN,
+                scores.mean(dim=1, keepdim=True),
+            )  # (B, 1)
+            unknown = [k for k, r in enumerate(rows) if r < 0]
+            logits[:, unknown] = abstain.to(logits.dtype).expand(-1, len(unknown))
         return logits
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from mode_ray.models.checkpoint import Expert
 from mode_ray.routing.gates import Gate
-from mode_ray.routing.step import StepPlan, finish_step, plan_step
+from mode_ray.routing.step import StepPlan, allowed_mask, finish_step, plan_step
 
 
 def validate_experts(experts: Sequence[Expert]) -> None:
@@ -62,43 +62,44 @@ class Mixture(nn.Module):
         """(N,) bool mask from pinned / excluded expert names; a ValueError naming an unknown expert."""
         return allowed_mask(self.names, pin, exclude)
 
+    def logits(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """The gate's logits over this mixture's experts: (B, N)."""
+        return self.gate(x, sigma, cond, self.cards)
+
     def plan(
         self,
         x: torch.Tensor,
         sigma: torch.Tensor,
         cond: torch.Tensor | None,
-        guidance_scale: float = 1.0,
+        *,
         top_k: int | None = None,
         top_p: float | None = None,
+        guidance_scale: float = 1.0,
         allowed: torch.Tensor | None = None,
     ) -> StepPlan:
-        logits = self.gate(x, sigma, cond, self.cards)  # (B, N)
-        k = self.top_k if top_k is None else top_k
-        p = self.top_p if top_p is None else top_p
-        return plan_step(logits, x, sigma, cond, k, p, guidance_scale, allowed)
+        """`plan_step` on this mixture's gate; top_k / top_p default to the mixture's."""
+        return plan_step(
+            self.logits(x, sigma, cond),
+            x,
+            sigma,
+            cond,
+            top_k=self.top_k if top_k is None else top_k,
+            top_p=self.top_p if top_p is None else top_p,
+            guidance_scale=guidance_scale,
+            allowed=allowed,
+        )
 
-    def evaluate(self, plan: StepPlan) -> torch.Tensor:
+    def outputs(self, plan: StepPlan) -> dict[int, torch.Tensor]:
+        """Every chosen expert on its rows: expert index -> (R_e, C, H, W)."""
         outputs = {}
         for e, r in plan.rows.items():
             cond = None if plan.cond is None else plan.cond[r]
             outputs[e] = self.denoisers[e](plan.x[r], plan.sigma[r], cond)  # (R_e, C, H, W)
-        return finish_step(plan, outputs)
+        return outputs
+
+    def evaluate(self, plan: StepPlan) -> torch.Tensor:
+        return finish_step(plan, self.outputs(plan))
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.evaluate(self.plan(x, sigma, cond))
-
-
-def allowed_mask(
-    names: Sequence[str], pin: Sequence[str] = (), exclude: Sequence[str] = ()
-) -> torch.Tensor | None:
-    """(N,) bool: True for experts a request may use. None when nothing is pinned or excluded."""
-    unknown = [n for n in list(pin) + list(exclude) if n not in names]
-    if unknown:
-        raise ValueError(f"experts: unknown expert(s) {sorted(set(unknown))}; registered: {list(names)}")
-    if not pin and not exclude:
-        return None
-    mask = torch.tensor([(not pin or n in pin) and n not in exclude for n in names])
-    if not mask.any():
-        raise ValueError(f"experts: pinning {list(pin)} and excluding {list(exclude)} leaves no expert")
-    return mask

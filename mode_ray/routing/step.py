@@ -1,7 +1,13 @@
 """One denoising step of a mixture, split so the in-process `Mixture` and the cluster's router share it.
 
 `plan_step` (gate logits -> routing, guidance rows) runs where the gate lives; the chosen experts are
-evaluated wherever they live (in-process modules or gRPC deployments); `finish_step` combines them.
+evaluated wherever they live (in-process modules or gRPC deployments); `finish_step` combines them:
+`D_mix = sum_k w_k D_k`, exact for a convex mixture whose experts share one formulation.
+
+Classifier-free guidance is exact on the mixture when both branches share one routing: with the same
+weights w, `sum_k w_k [D_u,k + s (D_c,k - D_u,k)]` equals `D_u,mix + s (D_c,mix - D_u,mix)`. So the gate is
+evaluated once, on the conditional rows, and every chosen expert sees the conditional and the null rows in
+one call.
 """
 
 from __future__ import annotations
@@ -12,9 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mode_ray.routing.combine import combine, dispatch
-from mode_ray.routing.guidance import apply_guidance, expand_for_guidance, needs_guidance
-from mode_ray.routing.topk import Routing, route
+from mode_ray.routing.topk import PAD, Routing, route
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,25 @@ class StepPlan:
     rows: dict[int, torch.Tensor]
     guidance_scale: float
 
+    @property
+    def guided(self) -> bool:
+        return self.routing.indices.shape[0] != self.base.indices.shape[0]
+
+
+def allowed_mask(
+    names: Sequence[str], pin: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> torch.Tensor | None:
+    """(N,) bool: True for experts a request may use. None when nothing is pinned or excluded."""
+    unknown = [n for n in list(pin) + list(exclude) if n not in names]
+    if unknown:
+        raise ValueError(f"experts: unknown expert(s) {sorted(set(unknown))}; registered: {list(names)}")
+    if not pin and not exclude:
+        return None
+    mask = torch.tensor([(not pin or n in pin) and n not in exclude for n in names])
+    if not mask.any():
+        raise ValueError(f"experts: pinning {list(pin)} and excluding {list(exclude)} leaves no expert")
+    return mask
+
 
 def mask_logits(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
     """logits: (B, N); allowed: (N,) bool or None. Disallowed experts get -inf."""
@@ -41,25 +64,58 @@ def mask_logits(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Ten
     return logits.masked_fill(~allowed.to(logits.device)[None], -math.inf)
 
 
+def needs_guidance(cond: torch.Tensor | None, guidance_scale: float) -> bool:
+    return cond is not None and guidance_scale != 1.0
+
+
+def dispatch(routing: Routing) -> dict[int, torch.Tensor]:
+    """expert index -> (R,) row indices it must evaluate, in increasing row order."""
+    return {e: routing.rows_of(e) for e in routing.experts()}
+
+
 def plan_step(
     logits: torch.Tensor,
     x: torch.Tensor,
     sigma: torch.Tensor,
     cond: torch.Tensor | None,
+    *,
     top_k: int = 2,
     top_p: float | None = None,
     guidance_scale: float = 1.0,
     allowed: torch.Tensor | None = None,
 ) -> StepPlan:
-    """Route B rows from the gate's logits (B, N); add the null-condition rows when guidance is on."""
+    """Route B rows from the gate's logits (B, N); stack the null-condition rows under the conditional ones
+    (B -> 2B, sharing one routing) when guidance is on."""
     base = route(mask_logits(logits, allowed), top_k, top_p)
+    routing = base
     if needs_guidance(cond, guidance_scale):
         assert cond is not None
-        x, sigma, cond = expand_for_guidance(x, sigma, cond)
+        x, sigma, cond = (
+            torch.cat([x, x]),
+            torch.cat([sigma, sigma]),
+            torch.cat([cond, torch.zeros_like(cond)]),
+        )
         routing = base.repeat(2)
-    else:
-        routing = base
     return StepPlan(x, sigma, cond, routing, base, dispatch(routing), guidance_scale)
+
+
+def combine(
+    routing: Routing, outputs: Mapping[int, torch.Tensor], rows: Mapping[int, torch.Tensor]
+) -> torch.Tensor:
+    """Weighted sum of expert outputs.
+
+    outputs[e]: (R_e, C, H, W) for the rows rows[e] of expert e. Returns (B, C, H, W). The sum runs over
+    the k slots in a fixed order, so every caller (in-process or distributed) gets the same bits.
+    """
+    batch, k = routing.indices.shape
+    first = next(iter(outputs.values()))
+    stacked = first.new_zeros((batch, k, *first.shape[1:]))  # (B, k, C, H, W)
+    for e, out in outputs.items():
+        r = rows[e]
+        slot = (routing.indices[r] == e).float().argmax(dim=1)  # (R_e,) the slot of e in each of its rows
+        stacked[r, slot] = out
+    w = torch.where(routing.indices == PAD, torch.zeros_like(routing.weights), routing.weights)
+    return (w.to(first.dtype)[..., None, None, None] * stacked).sum(dim=1)
 
 
 def finish_step(
@@ -67,44 +123,12 @@ def finish_step(
 ) -> torch.Tensor:
     """Combine outputs[e]: (R_e, C, H, W) for plan.rows[e] into denoised: (B, C, H, W).
 
-    `routing` overrides plan.routing (the router passes a renormalised one when an expert failed).
+    `routing` overrides plan.routing (renormalised over the experts that answered, when one failed).
+    With guidance, denoised = D_u + s (D_c - D_u) from the stacked [D_c; D_u].
     """
     routing = plan.routing if routing is None else routing
-    rows = {e: plan.rows[e] for e in outputs}
-    denoised = combine(routing, outputs, rows)
-    if plan.routing.indices.shape[0] != plan.base.indices.shape[0]:
-        return apply_guidance(denoised, plan.guidance_scale)
+    denoised = combine(routing, outputs, {e: plan.rows[e] for e in outputs})
+    if plan.guided:
+        d_cond, d_uncond = denoised.chunk(2)
+        return d_uncond + plan.guidance_scale * (d_cond - d_uncond)
     return denoised
-
-
-@dataclass(frozen=True)
-class StepTrace:
-    """Routing of one evaluation: per row, the chosen experts' names and weights, and the dropped mass."""
-
-    step: int
-    sigma: float
-    experts: list[list[str]]
-    weights: list[list[float]]
-    dropped: list[float]
-
-    def to_dict(self) -> dict:
-        return {
-            "step": self.step,
-            "sigma": self.sigma,
-            "experts": self.experts,
-            "weights": self.weights,
-            "dropped": self.dropped,
-        }
-
-
-def trace_step(
-    step: int, sigma: float, routing: Routing, names: Sequence[str], dropped: torch.Tensor | None = None
-) -> StepTrace:
-    experts, weights = [], []
-    for idx_row, w_row in zip(routing.indices.tolist(), routing.weights.tolist(), strict=True):
-        kept = [(names[i], round(w, 6)) for i, w in zip(idx_row, w_row, strict=True) if i >= 0 and w > 0]
-        experts.append([n for n, _ in kept])
-        weights.append([w for _, w in kept])
-    b = routing.indices.shape[0]
-    drop = [0.0] * b if dropped is None else [round(float(d), 6) for d in dropped[:b]]
-    return StepTrace(step, round(sigma, 6), experts, weights, drop)

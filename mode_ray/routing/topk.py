@@ -12,6 +12,10 @@ import torch
 PAD = -1  # index of an unused slot (adaptive top-p keeps fewer than k experts on some rows)
 
 
+class NoExpertLeft(RuntimeError):
+    """Every expert chosen for some row failed: the step cannot be combined."""
+
+
 @dataclass(frozen=True)
 class Routing:
     """indices: (B, k) expert indices (PAD for unused slots); weights: (B, k), each row sums to 1."""
@@ -84,7 +88,7 @@ def route(logits: torch.Tensor, k: int = 2, p: float | None = None) -> Routing:
 def drop_experts(routing: Routing, failed: set[int]) -> tuple[Routing, torch.Tensor]:
     """Remove `failed` experts and renormalise the remaining weights.
 
-    Returns the new routing and the dropped mass per row: (B,). Raises when a row loses every expert.
+    Returns the new routing and the dropped mass per row: (B,). NoExpertLeft when a row loses every expert.
     """
     hit = torch.zeros_like(routing.weights, dtype=torch.bool)
     for e in failed:
@@ -94,6 +98,6 @@ def drop_experts(routing: Routing, failed: set[int]) -> tuple[Routing, torch.Ten
     total = weights.sum(dim=1, keepdim=True)
     if (total <= 0).any():
         rows = (total.flatten() <= 0).nonzero().flatten().tolist()
-        raise RuntimeError(f"every chosen expert failed for row(s) {rows} (failed experts: {sorted(failed)})")
+        raise NoExpertLeft(f"every chosen expert failed for row(s) {rows} (failed experts: {sorted(failed)})")
     indices = torch.where(hit, torch.full_like(routing.indices, PAD), routing.indices)
     return Routing(indices, weights / total), dropped

@@ -1,11 +1,11 @@
 """The router's step engine: continuous batching of denoising steps across requests, per expert.
 
-Every tick, for every active request: gate -> top-k (`plan_step`) -> group the rows of all requests by
-expert -> one batched call per expert, all in flight at once -> `finish_step` (the same combine as the
-in-process Mixture) -> one sampler step per request. Finished requests leave; queued ones join the next
-tick. A failed or late expert call is retried once; then the expert is dropped for that step and the other
-weights renormalised (the dropped mass goes into the trace); a request fails only when a row loses every
-chosen expert, or when its deadline passes.
+Every tick, for every active request: gate -> top-k (`RequestState.plan`) -> group the rows of all requests
+by expert -> one batched call per expert, all in flight at once -> `RequestState.advance` (the same
+combine and sampler step as the in-process `generate_local`). Finished requests leave; queued ones join the
+next tick. A failed or late expert call is retried once; then the expert is dropped for that step and the
+other weights renormalised (the dropped mass goes into the trace); a request fails only when a row loses
+every chosen expert, or when its deadline passes.
 """
 
 from __future__ import annotations
@@ -18,71 +18,37 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mode_ray.diffusion import Trajectory, make_trajectory
-from mode_ray.routing.bundle import MixtureConfig
-from mode_ray.routing.gates import Gate
-from mode_ray.routing.generation import ResolvedRequest, initial_noise, schedule, to_images
-from mode_ray.routing.mixture import allowed_mask
-from mode_ray.routing.step import StepPlan, finish_step, plan_step, trace_step
-from mode_ray.routing.topk import Routing, drop_experts
-from mode_ray.serve.clients import ExpertCallError, ExpertClient
+from mode_ray.generation import (
+    GenerationResult,
+    MixtureConfig,
+    Progress,
+    RequestState,
+    ResolvedRequest,
+    prepare,
+)
+from mode_ray.routing.step import StepPlan
+from mode_ray.routing.topk import NoExpertLeft
 from mode_ray.serve.config import RouterOptions
+from mode_ray.serve.errors import DeadlineExceeded, ExpertCallError, GenerationFailed, Overloaded
 from mode_ray.serve.metrics import RouterMetrics
 from mode_ray.serve.registry import Snapshot
-
-
-class Overloaded(RuntimeError):
-    """The engine's queue is full (HTTP 503 / gRPC RESOURCE_EXHAUSTED)."""
-
-
-class DeadlineExceeded(TimeoutError):
-    """A request ran past its deadline (HTTP 504 / gRPC DEADLINE_EXCEEDED)."""
-
-
-class GenerationFailed(RuntimeError):
-    """No chosen expert answered for some row (HTTP 502 / gRPC UNAVAILABLE)."""
-
-
-@dataclass
-class GenerationResult:
-    """images: (N, C, H, W) float32 in [0, 1]; trace: one dict per evaluation (see StepTrace)."""
-
-    request_id: str
-    images: torch.Tensor
-    labels: list[int]
-    seed: int
-    trace: list[dict]
-    dropped_mass: float
-    registry_version: int
-    seconds: float
-
-
-@dataclass
-class Progress:
-    step: int
-    total: int
-    sigma: float
+from mode_ray.serve.transport import ExpertClient
 
 
 @dataclass
 class _Active:
     id: str
-    req: ResolvedRequest
-    traj: Trajectory
+    state: RequestState
     snapshot: Snapshot
-    allowed: torch.Tensor | None
     deadline: float
     future: asyncio.Future
     started: float
     on_progress: Callable[[Progress], None] | None = None
-    trace: list[dict] = field(default_factory=list)
-    evals: int = 0
-    dropped: float = 0.0
 
 
 @dataclass
 class _Call:
-    """One expert call: rows of several requests stacked. parts: (request, expert index in its snapshot, n rows)."""
+    """One expert call: rows of several requests stacked. parts: (request, expert index in its snapshot)."""
 
     expert: str
     client: ExpertClient
@@ -99,8 +65,9 @@ class _Call:
 def stack_cond(conds: list[torch.Tensor | None], rows: list[int]) -> torch.Tensor | None:
     """Stack per-request conditions (each (R_i, D) or None) into (sum R_i, D), or None when all are None.
 
-    The null condition is the all-zeros row (what experts see under condition dropout), so a request without
-    one stacks as zeros and its rows are computed exactly as alone.
+    The null condition is the all-zeros row (what experts see under condition dropout, and what the gates
+    treat as no condition), so a request without one stacks as zeros and its rows are computed exactly as
+    alone.
     """
     present = [c for c in conds if c is not None]
     if not present:
@@ -111,13 +78,9 @@ def stack_cond(conds: list[torch.Tensor | None], rows: list[int]) -> torch.Tenso
 
 class StepEngine:
     def __init__(
-        self,
-        gate: Gate,
-        config: MixtureConfig,
-        options: RouterOptions,
-        client_for: Callable[[str], ExpertClient],
+        self, config: MixtureConfig, options: RouterOptions, client_for: Callable[[str], ExpertClient]
     ) -> None:
-        self.gate, self.config, self.options = gate, config, options
+        self.config, self.options = config, options
         self.client_for = client_for
         self.metrics = RouterMetrics()
         self._queue: asyncio.Queue[_Active] = asyncio.Queue()
@@ -141,22 +104,18 @@ class StepEngine:
         deadline_s: float | None = None,
         on_progress: Callable[[Progress], None] | None = None,
     ) -> GenerationResult:
+        """Run `req` over the experts of `snapshot` (its registry version, gate and expert set)."""
         if not snapshot.entries:
             raise GenerationFailed("no expert is registered and ready")
         active, queued = self.load
         if active + queued >= self.options.max_active_requests + self.options.max_queued_requests:
             self.metrics.requests.inc(tags={"outcome": "overloaded"})
             raise Overloaded(f"the router is at capacity ({active} active, {queued} queued); retry later")
-        allowed = allowed_mask(snapshot.names, req.pin, req.exclude)
-        shape = tuple(snapshot.entries[0].card.latent_shape)
-        x = initial_noise(req.seed, req.num_images, shape, self.config.sigma_max)  # type: ignore[arg-type]
         now = time.monotonic()
         item = _Active(
             id=uuid.uuid4().hex[:16],
-            req=req,
-            traj=make_trajectory(req.sampler, x, schedule(req, self.config)),
+            state=prepare(req, self.config, snapshot.cards),
             snapshot=snapshot,
-            allowed=allowed,
             deadline=now + (deadline_s or self.options.default_deadline_s),
             future=asyncio.get_running_loop().create_future(),
             started=now,
@@ -202,16 +161,15 @@ class StepEngine:
                 continue
             if now > a.deadline:
                 self._fail(
-                    a, DeadlineExceeded(f"request {a.id} passed its deadline after {a.evals} evaluations")
+                    a,
+                    DeadlineExceeded(f"request {a.id} passed its deadline after {a.state.evals} evaluations"),
                 )
                 continue
             live.append(a)
         plans: list[tuple[_Active, StepPlan]] = []
         for a, (x, sigma), logits in self._gate_all(live):
             try:
-                plan = plan_step(
-                    logits, x, sigma, a.req.cond, a.req.top_k, a.req.top_p, a.req.guidance_scale, a.allowed
-                )
+                plan = a.state.plan(logits, x, sigma)
             except ValueError as e:
                 self._fail(a, GenerationFailed(str(e)))
                 continue
@@ -233,19 +191,21 @@ class StepEngine:
     def _gate_all(
         self, live: list[_Active]
     ) -> list[tuple[_Active, tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
-        """One gate call per registry version for the rows of all its requests (the gate is row-wise, and the
-        null condition is the all-zeros row, so stacking is exact). Returns (request, query, logits (B, N))."""
+        """One gate call per registry version (its gate and experts) for the rows of all its requests: the gate
+        is row-wise and the null condition is the all-zeros row, so stacking is exact.
+        Returns (request, query, logits (B, N))."""
         by_version: dict[int, list[_Active]] = {}
         for a in live:
             by_version.setdefault(a.snapshot.version, []).append(a)
         out = []
         for items in by_version.values():
-            queries = [a.traj.query() for a in items]
+            queries = [a.state.query() for a in items]
             x = torch.cat([q[0] for q in queries])
             sigma = torch.cat([q[1] for q in queries])
-            cond = stack_cond([a.req.cond for a in items], [q[0].shape[0] for q in queries])
+            cond = stack_cond([a.state.cond for a in items], [q[0].shape[0] for q in queries])
+            snapshot = items[0].snapshot
             with torch.no_grad():
-                logits = self.gate(x, sigma, cond, items[0].snapshot.cards)  # (sum B, N)
+                logits = snapshot.gate(x, sigma, cond, snapshot.cards)  # (sum B, N)
             for a, q, lg in zip(items, queries, logits.split([q[0].shape[0] for q in queries]), strict=True):
                 out.append((a, q, lg))
         return out
@@ -292,41 +252,23 @@ class StepEngine:
     def _advance(
         self, a: _Active, plan: StepPlan, outputs: dict[int, torch.Tensor], failed: set[int]
     ) -> None:
-        routing: Routing = plan.routing
-        dropped = None
-        if failed:
-            try:
-                routing, dropped = drop_experts(plan.routing, failed)
-            except RuntimeError as e:
-                names = sorted(a.snapshot.entries[i].name for i in failed)
-                self._fail(a, GenerationFailed(f"request {a.id}: no chosen expert answered ({names}): {e}"))
-                return
-            mass = float(dropped[: plan.base.indices.shape[0]].sum())
-            a.dropped += mass
-            for i in failed:
-                self.metrics.dropped_mass.inc(mass / len(failed), tags={"expert": a.snapshot.entries[i].name})
-        sigma = float(plan.sigma[0])
-        base = routing.first(plan.base.indices.shape[0])
-        a.trace.append(trace_step(a.evals, sigma, base, a.snapshot.names, dropped).to_dict())
-        with torch.no_grad():
-            a.traj.advance(finish_step(plan, outputs, routing))
-        a.evals += 1
+        before = a.state.dropped
+        try:
+            a.state.advance(plan, outputs, failed)
+        except NoExpertLeft as e:
+            names = sorted(a.snapshot.entries[i].name for i in failed)
+            self._fail(a, GenerationFailed(f"request {a.id}: no chosen expert answered ({names}): {e}"))
+            return
+        for i in failed:
+            lost = (a.state.dropped - before) / len(failed)
+            self.metrics.dropped_mass.inc(lost, tags={"expert": a.snapshot.entries[i].name})
+        traj = a.state.traj
         if a.on_progress is not None:
-            a.on_progress(Progress(a.traj.step, a.traj.steps, sigma))
-        if a.traj.done:
-            labels = [-1 if a.req.label is None else a.req.label] * a.req.num_images
-            result = GenerationResult(
-                a.id,
-                to_images(a.traj.x),
-                labels,
-                a.req.seed,
-                a.trace,
-                round(a.dropped, 6),
-                a.snapshot.version,
-                round(time.monotonic() - a.started, 4),
-            )
+            a.on_progress(Progress(traj.step, traj.steps, a.state.trace[-1].sigma))
+        if a.state.done:
+            seconds = time.monotonic() - a.started
             self.metrics.requests.inc(tags={"outcome": "ok"})
-            a.future.set_result(result)
+            a.future.set_result(a.state.result(a.id, a.snapshot.version, seconds))
 
     def _fail(self, a: _Active, error: Exception) -> None:
         if not a.future.done():

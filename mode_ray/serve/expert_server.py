@@ -38,6 +38,8 @@ from ray import serve
 from mode_ray.models.card import ExpertCard
 from mode_ray.models.checkpoint import Expert, load_card, load_expert
 from mode_ray.proto.inference import grpc_predict_v2_pb2 as pb
+from mode_ray.serve.errors import ExpertCallError
+from mode_ray.serve.metrics import ExpertMetrics
 from mode_ray.serve.oip import OipError, datatype_of, decode_infer_request, encode_infer_response
 
 __all__ = ["ExpertCallError", "ExpertServer"]
@@ -46,9 +48,6 @@ logger = logging.getLogger("ray.serve")
 
 SERVER_NAME = "mode_ray-expert"
 INPUT_X, INPUT_SIGMA, INPUT_COND, OUTPUT = "x", "sigma", "cond", "x0_hat"
-# Histogram buckets of rows / calls per forward pass.
-_ROW_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
-_CALL_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128]
 
 
 def _package_version() -> str:
@@ -56,19 +55,6 @@ def _package_version() -> str:
         return importlib.metadata.version("mode-ray")
     except importlib.metadata.PackageNotFoundError:
         return "0+unknown"
-
-
-class ExpertCallError(ValueError):
-    """A call rejected by the expert. Over gRPC it becomes the status `code` with `details`; called through a
-    DeploymentHandle (no grpc_context) it is raised."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.code, self.details))
 
 
 @dataclass(frozen=True)
@@ -148,7 +134,7 @@ class ExpertServer:
             )(self._forward_calls)
         else:  # mode_ray.serve.standalone: serve.batch needs a replica context, so calls run one by one
             self._infer_batch = self._forward_one
-        self._init_metrics()
+        self._metrics = ExpertMetrics(self.name, self._in_serve)  # no-ops in mode_ray.serve.standalone
         logger.info(
             "expert %r v%s loaded from %s on %s in %.2fs (torch threads %d, max_batch_size %d, wait %.4fs)",
             self.name,
@@ -179,37 +165,6 @@ class ExpertServer:
             "max_batch_size": self._infer_batch._get_max_batch_size(),
             "batch_wait_timeout_s": self._infer_batch._get_batch_wait_timeout_s(),
         }
-
-    def _init_metrics(self) -> None:
-        from ray.serve import metrics
-
-        from mode_ray.serve.metrics import Noop
-
-        if not self._in_serve:  # mode_ray.serve.standalone: no Serve metrics
-            self._m_rows = self._m_calls = self._m_batch_rows = self._m_batch_calls = Noop()
-            return
-
-        tags = {"expert": self.name}
-        self._m_rows = metrics.Counter(
-            "expert_rows_total", description="Rows (samples) denoised by the expert.", tag_keys=("expert",)
-        )
-        self._m_calls = metrics.Counter(
-            "expert_calls_total", description="ModelInfer calls answered by the expert.", tag_keys=("expert",)
-        )
-        self._m_batch_rows = metrics.Histogram(
-            "expert_batch_rows",
-            description="Rows per forward pass (after @serve.batch merging).",
-            boundaries=_ROW_BUCKETS,
-            tag_keys=("expert",),
-        )
-        self._m_batch_calls = metrics.Histogram(
-            "expert_batch_calls",
-            description="ModelInfer calls merged into one forward pass.",
-            boundaries=_CALL_BUCKETS,
-            tag_keys=("expert",),
-        )
-        for m in (self._m_rows, self._m_calls, self._m_batch_rows, self._m_batch_calls):
-            m.set_default_tags(dict(tags))  # a fresh dict each: Serve adds its own tags to the one passed in
 
     # ------------------------------------------------------------------------------------------------------
     # health
@@ -302,18 +257,18 @@ class ExpertServer:
         # An empty name in ModelMetadata means this server's only model; ModelInfer must name it.
         if name != self.name and (name or field == "model_name"):
             raise ExpertCallError(
-                grpc.StatusCode.NOT_FOUND,
                 f"{field}: unknown model {name!r}; this server serves {self.name!r}",
+                grpc.StatusCode.NOT_FOUND,
             )
         if version and version != self.card.version:
             raise ExpertCallError(
-                grpc.StatusCode.NOT_FOUND,
                 f"model_version: {self.name!r} has no version {version!r}; it has [{self.card.version!r}]",
+                grpc.StatusCode.NOT_FOUND,
             )
 
     def _validate(self, request: pb.ModelInferRequest) -> tuple[_Call, np.dtype]:
         def bad(message: str) -> ExpertCallError:
-            return ExpertCallError(grpc.StatusCode.INVALID_ARGUMENT, message)
+            return ExpertCallError(message, grpc.StatusCode.INVALID_ARGUMENT)
 
         for i, out in enumerate(request.outputs):
             if out.name != OUTPUT:
@@ -371,10 +326,10 @@ class ExpertServer:
         loop = asyncio.get_running_loop()
         out = await loop.run_in_executor(self._executor, self._forward, calls)
         total = out.shape[0]
-        self._m_calls.inc(len(calls))
-        self._m_rows.inc(total)
-        self._m_batch_rows.observe(total)
-        self._m_batch_calls.observe(len(calls))
+        self._metrics.answered_calls_total.inc(len(calls))
+        self._metrics.rows_total.inc(total)
+        self._metrics.batch_rows.observe(total)
+        self._metrics.batch_calls.observe(len(calls))
         bounds = np.cumsum([c.rows for c in calls])[:-1]
         return [_Result(part, len(calls), total) for part in np.split(out, bounds)]
 

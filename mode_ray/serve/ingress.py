@@ -4,13 +4,11 @@ It validates at the edge, maps errors to HTTP 4xx/5xx and gRPC status codes, che
 turns results into PNG grids or raw arrays. All generation work happens in the router.
 """
 
-import base64
 import hmac
 import json
 from typing import Any, Literal
 
 import grpc
-import numpy as np
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -18,10 +16,9 @@ from pydantic import Field, ValidationError
 from ray import serve
 
 from mode_ray import env
+from mode_ray.generation import DEFAULT_NUM_IMAGES, GenerateParams, GenerationResult, Progress
 from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
-from mode_ray.routing.generation import GenerateParams
-from mode_ray.routing.images import png_bytes
-from mode_ray.serve.engine import DeadlineExceeded, GenerationFailed, GenerationResult, Overloaded, Progress
+from mode_ray.serve.errors import DeadlineExceeded, GenerationFailed, Overloaded
 
 api = FastAPI(title="mode_ray", description="Mixture of Diffusion Experts on Ray Serve", version="0.1.0")
 
@@ -91,23 +88,6 @@ def _classify(e: BaseException, table: list) -> Any:
     return None
 
 
-def result_json(r: GenerationResult) -> dict:
-    arr = np.ascontiguousarray(r.images.numpy().astype("<f4"))
-    return {
-        "request_id": r.request_id,
-        "seed": r.seed,
-        "labels": r.labels,
-        "shape": list(arr.shape),
-        "images": base64.b64encode(arr.tobytes()).decode(),
-        "dtype": "float32",
-        "png": base64.b64encode(png_bytes(r.images)).decode(),
-        "trace": r.trace,
-        "dropped_mass": r.dropped_mass,
-        "registry_version": r.registry_version,
-        "seconds": r.seconds,
-    }
-
-
 @serve.ingress(api)  # at definition, so every process that imports this module sees the class-based routes
 class Ingress:
     """Serve deployment class; bound to the router's handle by the app builder."""
@@ -149,14 +129,14 @@ class Ingress:
         params = body.model_dump(by_alias=True, exclude={"output", "deadline_s"}, exclude_none=True)
         result: GenerationResult = await self._call("generate", params, body.deadline_s)
         if body.output == "json":
-            return JSONResponse(result_json(result))
+            return JSONResponse(result.to_json())
         headers = {
             "X-Request-Id": result.request_id,
             "X-Seed": str(result.seed),
             "X-Dropped-Mass": str(result.dropped_mass),
             "X-Registry-Version": str(result.registry_version),
         }
-        return Response(png_bytes(result.images), media_type="image/png", headers=headers)
+        return Response(result.png(), media_type="image/png", headers=headers)
 
     @api.get("/v1/experts")
     async def list_experts_http(self) -> dict:
@@ -172,9 +152,14 @@ class Ingress:
         self._check_admin(authorization)
         return await self._call("remove_expert", name)
 
+    @api.put("/v1/gate")
+    async def publish_gate_http(self, body: dict, authorization: str | None = Header(None)) -> dict:
+        self._check_admin(authorization)
+        return await self._call("publish_gate", body)
+
     # ---- gRPC (mode_ray.v1.GenerationService) --------------------------------------------------------
     def _grpc_params(self, request: Any) -> tuple[dict, float | None]:
-        params: dict[str, Any] = {"num_images": request.num_images or 4}
+        params: dict[str, Any] = {"num_images": request.num_images or DEFAULT_NUM_IMAGES}
         if request.prompt:
             params["prompt"] = request.prompt
         for name in ("class_label", "seed", "guidance_scale", "top_k", "top_p"):
@@ -193,16 +178,23 @@ class Ingress:
         return params, (request.deadline_s if request.HasField("deadline_s") else None)
 
     def _grpc_response(self, r: GenerationResult, output: str) -> Any:
-        response = gen.GenerateResponse(request_id=r.request_id, labels=r.labels, seconds=r.seconds)
+        response = gen.GenerateResponse(
+            request_id=r.request_id,
+            labels=r.labels,
+            seconds=r.seconds,
+            seed=r.seed,
+            dropped_mass=r.dropped_mass,
+            registry_version=r.registry_version or 0,
+        )
         if output == "raw":
-            arr = np.ascontiguousarray(r.images.numpy().astype("<f4"))
+            arr = r.raw()
             response.images = arr.tobytes()
             response.shape.extend(arr.shape)
         else:
-            response.png = png_bytes(r.images)
+            response.png = r.png()
         for t in r.trace:
-            step = response.trace.add(step=t["step"], sigma=t["sigma"])
-            for names, weights, dropped in zip(t["experts"], t["weights"], t["dropped"], strict=True):
+            step = response.trace.add(step=t.step, sigma=t.sigma)
+            for names, weights, dropped in zip(t.experts, t.weights, t.dropped, strict=True):
                 step.rows.add(experts=names, weights=weights, dropped_mass=dropped)
         return response
 

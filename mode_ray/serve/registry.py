@@ -1,7 +1,7 @@
 """The expert registry: which experts the router may route to, versioned and persisted atomically.
 
 Each generation captures an immutable `Snapshot` when it is admitted, so requests in flight keep the expert
-set they started with while experts are hot-added or drained.
+set and the gate they started with while experts are hot-added or drained and gates are published.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,14 +41,17 @@ class RegistryFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: int = 0
     experts: list[ExpertEntry] = Field(default_factory=list)
+    gate: str | None = Field(None, description="the published learned gate directory (None: the model's)")
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The routable experts at one registry version (state 'ready', in registration order)."""
+    """The routable experts at one registry version (state 'ready', in registration order) and the gate
+    (a `mode_ray.routing.Gate`) that routes between them."""
 
     version: int
     entries: tuple[ExpertEntry, ...]
+    gate: Any = None
 
     @property
     def names(self) -> list[str]:
@@ -98,31 +101,41 @@ class Registry:
         with self._lock:
             return next((e.model_copy() for e in self._data.experts if e.name == name), None)
 
-    def snapshot(self) -> Snapshot:
+    @property
+    def gate(self) -> str | None:
+        return self._data.gate
+
+    def snapshot(self, gate: Any = None) -> Snapshot:
+        """The ready experts at the current version, routed by `gate` (the router's live gate object)."""
         with self._lock:
-            return Snapshot(self._data.version, tuple(e for e in self._data.experts if e.state == "ready"))
+            ready = tuple(e for e in self._data.experts if e.state == "ready")
+            return Snapshot(self._data.version, ready, gate)
+
+    def _commit(self, **update: Any) -> int:
+        """Replace fields of the registry, bump its version and persist it; returns the new version."""
+        self._data = self._data.model_copy(update={**update, "version": self._data.version + 1})
+        self._write()
+        return self._data.version
 
     def upsert(self, entry: ExpertEntry) -> int:
         """Add or replace an entry; returns the new registry version."""
         with self._lock:
             others = [e for e in self._data.experts if e.name != entry.name]
-            self._data = RegistryFile(version=self._data.version + 1, experts=[*others, entry])
-            self._write()
-            return self._data.version
+            return self._commit(experts=[*others, entry])
 
     def set_state(self, name: str, state: State) -> int:
         with self._lock:
-            experts = [
-                e.model_copy(update={"state": state}) if e.name == name else e for e in self._data.experts
-            ]
-            self._data = RegistryFile(version=self._data.version + 1, experts=experts)
-            self._write()
-            return self._data.version
+            return self._commit(
+                experts=[
+                    e.model_copy(update={"state": state}) if e.name == name else e for e in self._data.experts
+                ]
+            )
 
     def remove(self, name: str) -> int:
         with self._lock:
-            self._data = RegistryFile(
-                version=self._data.version + 1, experts=[e for e in self._data.experts if e.name != name]
-            )
-            self._write()
-            return self._data.version
+            return self._commit(experts=[e for e in self._data.experts if e.name != name])
+
+    def set_gate(self, path: str | None) -> int:
+        """Publish a learned gate directory (None: back to the model's); returns the new registry version."""
+        with self._lock:
+            return self._commit(gate=path)

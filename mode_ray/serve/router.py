@@ -1,4 +1,5 @@
-"""The router deployment: holds the registry and the gate, runs the step engine, deploys and drains experts.
+"""The router deployment: holds the registry and the gate, runs the step engine, deploys and drains experts,
+publishes (extended) learned gates.
 
 Experts are always deployed by the router (at start from the registry or the model directory, and on
 hot-add), so start-up, hot-add and restore after a restart are one mechanism.
@@ -12,16 +13,17 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from mode_ray.generation import GenerateParams, GenerationResult, Progress, resolve
+from mode_ray.generation.bundle import build_gate, check_condition, check_gate, load_config
 from mode_ray.models.checkpoint import CheckpointError, load_card, load_expert
-from mode_ray.models.conditions import ClassLabelEncoder
-from mode_ray.routing.bundle import build_gate, load_config
-from mode_ray.routing.generation import GenerateParams, resolve
-from mode_ray.serve.clients import GrpcExpertClient
+from mode_ray.routing.gates import Gate
 from mode_ray.serve.config import AppArgs, ExpertDeployment, expert_app_name
-from mode_ray.serve.engine import GenerationResult, Progress, StepEngine
-from mode_ray.serve.registry import ExpertEntry, Registry
+from mode_ray.serve.engine import StepEngine
+from mode_ray.serve.registry import ExpertEntry, Registry, Snapshot
+from mode_ray.serve.transport import GrpcExpertClient
 
 log = logging.getLogger("ray.serve")
 
@@ -39,20 +41,36 @@ class AddExpert(BaseModel):
     )
 
 
+class PublishGate(BaseModel):
+    """Body of `PUT /v1/gate`: a learned gate directory (gate.json + model.safetensors), e.g. one written by
+    `mode-ray train gate --extend`, under the model directory or the expert root."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="learned gate directory; relative paths are under the model directory")
+
+
 class Router:
     """Serve deployment class (options come from the builder, never from a decorator)."""
 
     async def __init__(self, args: dict) -> None:
         self.args = AppArgs.model_validate(args)
         self.config = load_config(self.args.model_dir)
-        self.encoder = ClassLabelEncoder(self.config.class_names)
-        self.gate = build_gate(self.config.gate, self.args.model_dir)
         self.registry = Registry(self.args.state_dir)
+        if not self.args.restore and self.registry.gate is not None:
+            self.registry.set_gate(None)  # start from the model directory: its own gate
+        published = self.registry.gate
+        self.gate: Gate = build_gate(
+            self.config.gate, self.args.model_dir, Path(published) if published else None
+        )
         self._clients: dict[str, GrpcExpertClient] = {}
-        self.engine = StepEngine(self.gate, self.config, self.args.router, self._client)
+        self.engine = StepEngine(self.config, self.args.router, self._client)
         self._lock = asyncio.Lock()
         self._started = asyncio.get_running_loop().create_task(self._start())
         await asyncio.shield(self._started)  # the app is RUNNING only once every expert answers ModelReady
+
+    def snapshot(self) -> Snapshot:
+        """What a request admitted now routes with: the ready experts and the live gate."""
+        return self.registry.snapshot(self.gate)
 
     # ---- experts ------------------------------------------------------------------------------------
     def _client(self, name: str) -> GrpcExpertClient:
@@ -133,6 +151,7 @@ class Router:
     async def list_experts(self) -> dict:
         return {
             "registry_version": self.registry.version,
+            "gate": self.registry.gate or str(self.args.model_dir / str(self.config.gate.learned)),
             "experts": [
                 {
                     "name": e.name,
@@ -145,13 +164,21 @@ class Router:
             ],
         }
 
-    def _resolve_path(self, raw: str) -> Path:
-        root = Path(self.args.expert_root or self.args.model_dir / "experts").resolve()
+    def _resolve_path(self, raw: str, roots: dict[str, Path] | None = None) -> Path:
+        """`raw` (relative to the first root) resolved; a ValueError unless it lies under one of `roots`
+        (by name: the expert root by default)."""
+        roots = roots or {"the expert root": self._expert_root}
+        resolved = {what: r.resolve() for what, r in roots.items()}
         path = Path(raw)
-        path = (path if path.is_absolute() else root / path).resolve()
-        if not path.is_relative_to(root):
-            raise ValueError(f"path {raw!r} is outside the expert root {str(root)!r}")
+        path = (path if path.is_absolute() else next(iter(resolved.values())) / path).resolve()
+        if not any(path.is_relative_to(r) for r in resolved.values()):
+            where = " or ".join(f"{what} {str(r)!r}" for what, r in resolved.items())
+            raise ValueError(f"path {raw!r} is outside {where}")
         return path
+
+    @property
+    def _expert_root(self) -> Path:
+        return Path(self.args.expert_root or self.args.model_dir / "experts")
 
     async def add_expert(self, body: dict) -> dict:
         """Validate, deploy, wait for ModelReady, then publish a new registry version."""
@@ -162,11 +189,12 @@ class Router:
         if request.endpoint == "serve":
             await asyncio.to_thread(load_expert, path)  # safetensors only, names and shapes checked
         ready = self.registry.snapshot()
-        if ready.entries:
-            try:
+        try:
+            check_condition(self.config, card)
+            if ready.entries:
                 ready.entries[0].card.compatible_with(card)
-            except ValueError as e:
-                raise ValueError(f"path: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"path: {e}") from None
         async with self._lock:
             if self.registry.get(card.name) is not None:
                 raise FileExistsError(f"an expert named {card.name!r} is already registered")
@@ -199,22 +227,43 @@ class Router:
         await self._teardown(entry)
         return {"name": name, "registry_version": self.registry.version, "state": "removed"}
 
+    # ---- the learned gate -------------------------------------------------------------------------------
+    async def publish_gate(self, body: dict) -> dict:
+        """Load a learned gate directory, check it against the mixture (channels, condition, a canary pass
+        that must give finite log-probabilities), then route new requests with it: a new registry version,
+        no redeploy. Requests in flight keep the gate they were admitted with."""
+        await asyncio.shield(self._started)
+        request = PublishGate.model_validate(body)
+        path = self._resolve_path(
+            request.path, {"the model directory": self.args.model_dir, "the expert root": self._expert_root}
+        )
+        gate = await asyncio.to_thread(build_gate, self.config.gate, self.args.model_dir, path)
+        ready = self.registry.snapshot()
+        try:
+            check_gate(gate, ready.cards)
+            await asyncio.to_thread(_canary, gate, ready)
+        except ValueError as e:
+            raise ValueError(f"path: {e}") from None
+        async with self._lock:
+            self.gate = gate
+            version = self.registry.set_gate(str(path))
+        log.info("learned gate %s published (registry version %d)", path, version)
+        return {"gate": str(path), "registry_version": version}
+
     # ---- generation -----------------------------------------------------------------------------------
     async def generate(self, params: dict, deadline_s: float | None = None) -> GenerationResult:
         await asyncio.shield(self._started)
-        req = resolve(GenerateParams.model_validate(params), self.config, self.encoder)
-        return await self.engine.generate(req, self.registry.snapshot(), deadline_s)
+        req = resolve(GenerateParams.model_validate(params), self.config)
+        return await self.engine.generate(req, self.snapshot(), deadline_s)
 
     async def generate_stream(
         self, params: dict, deadline_s: float | None = None
     ) -> AsyncIterator[Progress | GenerationResult]:
         """Yields Progress after every evaluation, then the GenerationResult."""
         await asyncio.shield(self._started)
-        req = resolve(GenerateParams.model_validate(params), self.config, self.encoder)
+        req = resolve(GenerateParams.model_validate(params), self.config)
         queue: asyncio.Queue[Progress] = asyncio.Queue()
-        task = asyncio.ensure_future(
-            self.engine.generate(req, self.registry.snapshot(), deadline_s, queue.put_nowait)
-        )
+        task = asyncio.ensure_future(self.engine.generate(req, self.snapshot(), deadline_s, queue.put_nowait))
         while not task.done() or not queue.empty():
             getter = asyncio.ensure_future(queue.get())
             await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
@@ -227,3 +276,19 @@ class Router:
     async def check_health(self) -> None:
         if self._started.done() and self._started.exception() is not None:
             raise RuntimeError(f"router start-up failed: {self._started.exception()!r}")
+
+
+@torch.no_grad()
+def _canary(gate: Gate, snapshot: Snapshot) -> None:
+    """A ValueError unless `gate` gives finite logits for noise at a few sigmas, with and without a condition."""
+    card = snapshot.entries[0].card
+    sigma = torch.tensor([0.01, 1.0, 80.0])
+    x = (
+        torch.randn(3, *card.latent_shape, generator=torch.Generator().manual_seed(0))
+        * sigma[:, None, None, None]
+    )
+    conds = [None] if card.condition.dim == 0 else [None, torch.eye(card.condition.dim)[:1].expand(3, -1)]
+    for cond in conds:
+        logits = gate(x, sigma, cond, snapshot.cards)
+        if not torch.isfinite(logits).any(dim=1).all() or torch.isnan(logits).any():
+            raise ValueError("the gate gives NaN or no finite logit on a canary batch; not published")

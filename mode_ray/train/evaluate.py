@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 
 from mode_ray.diffusion import edm_loss
+from mode_ray.generation import GenerateParams, generate_local
+from mode_ray.generation.bundle import MixtureBundle
 from mode_ray.models.conditions import one_hot
-from mode_ray.routing.bundle import MixtureBundle
 from mode_ray.routing.gates import LearnedGate
-from mode_ray.routing.generation import GenerateParams, generate_local
 from mode_ray.train.classifier import Classifier
 from mode_ray.train.data import Dataset
+from mode_ray.train.partitions import PartitionSpec
 
 SIGMA_BUCKETS = ((0.002, 0.02), (0.02, 0.2), (0.2, 2.0), (2.0, 20.0), (20.0, 80.0))
 
@@ -86,6 +87,8 @@ def evaluate(
     batch: int = 100,
 ) -> tuple[EvalResult, torch.Tensor, torch.Tensor]:
     """Returns the result, the generated images (N, C, H, W) in [0, 1] and their requested labels (N,)."""
+    if bundle.encoder is None:
+        raise ValueError(f"eval needs a class-conditional mixture; {bundle.config.name!r} is unconditional")
     classes = bundle.encoder.dim
     per_class = max(1, num_samples // classes)
     images, labels, seconds = [], [], 0.0
@@ -102,7 +105,7 @@ def evaluate(
                 top_k=top_k,
             )
             t0 = time.perf_counter()
-            gen = generate_local(bundle.mixture, bundle.config, bundle.encoder, params)
+            gen = generate_local(bundle.mixture, bundle.config, params)
             seconds += time.perf_counter() - t0
             images.append(gen.images)
             labels += [c] * n
@@ -165,24 +168,27 @@ def gate_accuracy_by_sigma(
     bundle: MixtureBundle, test: Dataset, n: int = 2000, seed: int = 0
 ) -> dict[str, float]:
     """How often the learned gate alone, without the condition, names the expert whose label group holds a
-    held-out image, per sigma bucket: its estimate of p(k | x, sigma). Needs label-group experts."""
+    held-out image, per sigma bucket: its estimate of p(k | x, sigma) over the bundle's experts (an expert
+    the gate was not trained on is never named: the gate abstains for it). Needs label-group experts."""
     gate = bundle.mixture.gate
     learned = next((g for g in getattr(gate, "gates", [gate]) if isinstance(g, LearnedGate)), None)
     if learned is None:
         raise ValueError(f"mixture {bundle.config.name!r} has no learned gate")
-    owner = torch.full((bundle.encoder.dim,), -1)
-    for card in bundle.mixture.cards:
-        kind, _, labels = card.data.partition.partition(":")
-        if kind != "labels":
+    cards = bundle.mixture.cards
+    owner = torch.full((int(test.labels.max()) + 1,), -1)
+    for k, card in enumerate(cards):
+        spec = PartitionSpec.parse(card.data.partition)
+        if spec.kind != "labels":
             raise ValueError(f"expert {card.name!r} is not a label-group expert ({card.data.partition!r})")
-        owner[[int(v) for v in labels.split(",")]] = learned.experts.index(card.name)
+        owner[list(spec.groups[0])] = k
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(test), generator=g)[:n]
+    idx = idx[owner[test.labels[idx]] >= 0]  # images some expert holds
     x0, target = test.images[idx], owner[test.labels[idx]]
     out = {}
     for bucket, sigma, noise in noise_by_bucket(x0, g):
         x = x0 + sigma.reshape(-1, 1, 1, 1) * noise
-        out[bucket] = round(float((learned.net(x, sigma, None).argmax(1) == target).float().mean()), 4)
+        out[bucket] = round(float((learned(x, sigma, None, cards).argmax(1) == target).float().mean()), 4)
     return out
 
 
@@ -204,7 +210,7 @@ def reference_fid(classifier: Classifier, train: Dataset, test: Dataset, n: int 
 
 def write_report(out: Path, results: list[EvalResult], grids: dict[str, torch.Tensor], meta: dict) -> None:
     """results.json, results.md and one sample grid PNG per model in `out`."""
-    from mode_ray.routing.images import save_grid
+    from mode_ray.generation.images import save_grid
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(

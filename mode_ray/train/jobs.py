@@ -5,27 +5,18 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from mode_ray.generation.bundle import (
+    GateSpec,
+    MixtureConfig,
+    load_bundle,
+    load_config,
+    load_gate_net,
+    save_gate,
+)
+from mode_ray.models.card import ExpertCard
 from mode_ray.models.checkpoint import load_card
-from mode_ray.routing.bundle import GateSpec, MixtureConfig, load_config
 from mode_ray.train.loops import JobConfig, fit
-from mode_ray.train.partitions import parse_label_groups
-
-
-def shard_name(partition: str, index: int) -> str:
-    """'labels:0,6|1,7' shard 0 -> 'digits-0-6'; 'kmeans:4' shard 2 -> 'cluster-2'."""
-    kind, _, arg = partition.partition(":")
-    if kind == "labels":
-        return "digits-" + "-".join(str(v) for v in parse_label_groups(arg)[index])
-    return f"cluster-{index}" if kind == "kmeans" else "dense"
-
-
-def num_shards(partition: str) -> int:
-    kind, _, arg = partition.partition(":")
-    if kind == "labels":
-        return len(parse_label_groups(arg))
-    if kind == "kmeans" and arg.isdigit():
-        return int(arg)
-    raise ValueError(f"an expert partition must be 'labels:...' or 'kmeans:<k>', got {partition!r}")
+from mode_ray.train.partitions import PartitionSpec
 
 
 def train_experts(
@@ -40,12 +31,16 @@ def train_experts(
 ) -> list[Path]:
     """One isolated TorchTrainer job per shard (`parallel` at a time); writes out/experts/<name> and
     out/mixture.json (experts listed in shard order)."""
-    n = num_shards(partition)
-    shards = list(range(n)) if only is None else only
+    spec = PartitionSpec.parse(partition)
+    if spec.kind == "all":
+        raise ValueError(f"an expert partition must be 'labels:...' or 'kmeans:<k>', got {partition!r}")
+    shards = list(range(spec.num_shards)) if only is None else only
     for s in shards:
-        if not 0 <= s < n:
-            raise ValueError(f"--shard must be in [0, {n - 1}] for partition {partition!r}, got {s}")
-    names = [shard_name(partition, i) for i in range(n)]
+        if not 0 <= s < spec.num_shards:
+            raise ValueError(
+                f"--shard must be in [0, {spec.num_shards - 1}] for partition {partition!r}, got {s}"
+            )
+    names = [spec.shard_name(i) for i in range(spec.num_shards)]
 
     def job(i: int) -> Path:
         cfg = JobConfig(
@@ -62,40 +57,101 @@ def train_experts(
     return paths
 
 
-def gate_partition(mixture_dir: Path) -> tuple[str, list[str]]:
-    """Rebuild the partition the experts were trained on from their cards."""
-    config = load_config(mixture_dir)
-    specs = [load_card(mixture_dir / "experts" / n).data.partition for n in config.experts]
-    if all(s.startswith("labels:") for s in specs):
-        return "labels:" + "|".join(s.removeprefix("labels:") for s in specs), config.experts
-    kinds = {s.rsplit(":", 1)[0] for s in specs}
-    if len(kinds) == 1 and next(iter(kinds)).startswith("kmeans:"):
-        return next(iter(kinds)), config.experts
-    raise ValueError(f"cannot train one gate over experts with partitions {specs}")
+def gate_partition(cards: list[ExpertCard]) -> str:
+    """The partition whose shards, in order, are the experts' training data (from their cards)."""
+    return str(PartitionSpec.of_shards([c.data.partition for c in cards]))
 
 
 def train_gate(
     mixture_dir: Path, base: JobConfig, workers: int, cpus_per_worker: int, use_gpu: bool = False
 ) -> Path:
     """Fit the learned gate on the experts' partitions and enable it in mixture.json."""
-    partition, names = gate_partition(mixture_dir)
+    config = load_config(mixture_dir)
+    cards = [load_card(mixture_dir / "experts" / n) for n in config.experts]
     cfg = JobConfig(
         **{
             **base.__dict__,
             "kind": "gate",
             "name": "gate",
-            "partition": partition,
-            "gate_experts": names,
+            "partition": gate_partition(cards),
+            "gate_experts": list(config.experts),
             "cond_dropout": 0.5,
         }
     )
     path = fit(cfg, mixture_dir / "gate", workers, cpus_per_worker, use_gpu)
-    config = load_config(mixture_dir)
     gate = config.gate.model_copy(update={"learned": "gate"})
     (mixture_dir / "mixture.json").write_text(
         config.model_copy(update={"gate": gate}).model_dump_json(indent=2) + "\n"
     )
     return path
+
+
+def extend_gate(
+    mixture_dir: Path,
+    expert_dirs: list[Path],
+    base: JobConfig,
+    workers: int,
+    cpus_per_worker: int,
+    use_gpu: bool = False,
+    out: Path | None = None,
+    base_gate: Path | None = None,
+) -> Path:
+    """Add one output row per new expert to the mixture's learned gate, fitted on the experts' data with the
+    old rows frozen (no retraining of the rest), and write the extended gate to `out` (default
+    mixture_dir/gates/<n>). Its card records the held-out accuracy of the gate before and after.
+
+    The new experts' partitions must be disjoint from the known ones (the gate learns which partition x0
+    came from). mixture.json is left alone: publish the result with `mode-ray gate publish`.
+    """
+    from mode_ray.train.data import load_dataset
+    from mode_ray.train.evaluate import gate_accuracy_by_sigma
+
+    config = load_config(mixture_dir)
+    base_gate = base_gate or mixture_dir / str(config.gate.learned)
+    known = list(load_gate_net(base_gate).config.experts)
+    new_cards = [load_card(d) for d in expert_dirs]
+    clash = [c.name for c in new_cards if c.name in known]
+    if clash:
+        raise ValueError(f"--expert: the gate at {base_gate} already has a row for {clash}")
+    cards = [load_card(mixture_dir / "experts" / n) for n in known] + new_cards
+    out = out or _next_gate_dir(mixture_dir)
+    cfg = JobConfig(
+        **{
+            **base.__dict__,
+            "kind": "gate",
+            "name": "gate-" + "-".join(c.name for c in new_cards),
+            "partition": gate_partition(cards),
+            "gate_experts": [c.name for c in cards],
+            "cond_dropout": 0.5,
+            "base_gate": str(base_gate.resolve()),
+        }
+    )
+    path = fit(cfg, out, workers, cpus_per_worker, use_gpu)
+    # held-out accuracy over the extended expert set: before (the base gate abstains for the new experts)
+    # and after
+    test = load_dataset(base.dataset, "test")
+    before = load_bundle(mixture_dir, experts=[str(d) for d in expert_dirs], gate=base_gate)
+    after = load_bundle(mixture_dir, experts=[str(d) for d in expert_dirs], gate=path)
+    net = load_gate_net(path)
+    metrics = dict(_gate_metrics(path))
+    metrics["heldout_accuracy_before"] = gate_accuracy_by_sigma(before, test)
+    metrics["heldout_accuracy_after"] = gate_accuracy_by_sigma(after, test)
+    metrics["extended_from"] = str(base_gate)
+    save_gate(path, net, metrics)
+    return path
+
+
+def _gate_metrics(path: Path) -> dict:
+    from mode_ray.models.card import read_json
+
+    return read_json(path / "gate.json", "gate card").get("metrics", {})
+
+
+def _next_gate_dir(mixture_dir: Path) -> Path:
+    n = 1
+    while (mixture_dir / "gates" / str(n)).exists():
+        n += 1
+    return mixture_dir / "gates" / str(n)
 
 
 def train_dense(

@@ -9,23 +9,23 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from mode_ray.diffusion import EDMPrecond, edm_loss, sample_training_sigmas
+from mode_ray.generation.bundle import load_gate_net, save_gate
 from mode_ray.models.card import Condition, DataSummary, ExpertCard
 from mode_ray.models.checkpoint import load_card, save_expert
 from mode_ray.models.conditions import one_hot
 from mode_ray.models.unet import UNET_PRESETS, UNet
-from mode_ray.routing.bundle import save_gate
 from mode_ray.routing.gates import LearnedGateConfig, LearnedGateNet
 from mode_ray.train.classifier import Classifier, save_classifier
 from mode_ray.train.data import Dataset, load_dataset
-from mode_ray.train.partitions import partition, shard_spec
+from mode_ray.train.partitions import PartitionSpec, partition
 
 JobKind = Literal["expert", "dense", "gate", "classifier"]
 
@@ -50,7 +50,7 @@ class JobConfig:
     log_every: int = 100
     threads: int = 0  # torch threads per worker; 0 = the worker's CPUs
     gate_experts: list[str] = field(default_factory=list)  # gate: output rows, one per shard of `partition`
-    extra: dict[str, Any] = field(default_factory=dict)
+    base_gate: str | None = None  # gate: extend this gate directory (its rows frozen) with the new rows
 
 
 def _flops_per_sample(model: torch.nn.Module, shape: tuple[int, ...], cond_dim: int) -> int:
@@ -162,8 +162,39 @@ def _build_model(cfg: JobConfig, dim: int, shape: tuple[int, ...]) -> torch.nn.M
         unet_cfg = type(unet_cfg)(**{**unet_cfg.to_dict(), "in_channels": shape[0], "cond_dim": dim})
         return EDMPrecond(UNet(unet_cfg))
     if cfg.kind == "gate":
+        if cfg.base_gate is not None:
+            return extended_gate_net(load_gate_net(cfg.base_gate), tuple(cfg.gate_experts))
         return LearnedGateNet(LearnedGateConfig(tuple(cfg.gate_experts), in_channels=shape[0], cond_dim=dim))
     return Classifier(classes=dim, in_channels=shape[0])
+
+
+def extended_gate_net(base: LearnedGateNet, experts: tuple[str, ...]) -> LearnedGateNet:
+    """`base` with one output row per expert of `experts` that it lacks, everything else frozen.
+
+    The old rows keep their weights exactly (their gradients are masked to zero, and Adam moves nothing
+    with zero gradients); a new row starts at the mean of the old rows (the neutral score) and is the only
+    thing trained."""
+    old = base.config.experts
+    if tuple(experts[: len(old)]) != old:
+        raise ValueError(f"the extended gate's experts must start with the base gate's {list(old)}")
+    net = LearnedGateNet(replace(base.config, experts=tuple(experts)))
+    state = base.state_dict()
+    last = f"head.{len(net.head) - 1}"
+    for key, value in net.state_dict().items():
+        if key.startswith(last):  # (N, 2w) weight and (N,) bias of the last layer
+            new = value.clone()
+            new[: len(old)] = state[key]
+            new[len(old) :] = state[key].mean(dim=0)
+            state[key] = new
+    net.load_state_dict(state)
+    net.requires_grad_(False)
+    keep = torch.zeros(len(experts), 1)
+    keep[len(old) :] = 1.0
+    for p in net.head[-1].parameters():
+        p.requires_grad_(True)
+        mask = keep if p.ndim == 2 else keep[:, 0]
+        p.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device))
+    return net
 
 
 def _loss(cfg, model, x0, y, t, dim, g, device) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -209,7 +240,9 @@ def _save(cfg: JobConfig, model, out: Path, data: Dataset, parts, summary: dict)
         guidance_dropout=cfg.cond_dropout,
         data=DataSummary(
             dataset=cfg.dataset,
-            partition=shard_spec(cfg.partition, cfg.shard) if cfg.kind == "expert" else cfg.partition,
+            partition=PartitionSpec.parse(cfg.partition).shard_spec(cfg.shard)
+            if cfg.kind == "expert"
+            else cfg.partition,
             num_examples=len(index),
             label_counts={data.class_names[i]: int(c) for i, c in enumerate(counts) if c > 0},
         ),

@@ -2,23 +2,103 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
 from mode_ray.train.data import Dataset
 
+PartitionKind = Literal["all", "labels", "kmeans"]
 
-def parse_label_groups(spec: str) -> list[list[int]]:
-    """'0,6|1,4,7|2,3,5|8,9' -> [[0, 6], [1, 4, 7], [2, 3, 5], [8, 9]]; a clear error for a bad spec."""
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """The one parser of partition specs.
+
+    A partition: 'all', 'labels:0,6|1,4,7' (label groups, disjoint) or 'kmeans:<k>' (k clusters of
+    features). A shard's own spec, recorded in its expert's card: 'labels:0,6' or 'kmeans:4:2' (cluster 2).
+    """
+
+    kind: PartitionKind
+    groups: tuple[tuple[int, ...], ...] = ()  # labels
+    k: int = 0  # kmeans: the cluster count
+    index: int | None = None  # kmeans shard spec: the cluster
+
+    @classmethod
+    def parse(cls, spec: str) -> PartitionSpec:
+        kind, _, arg = spec.partition(":")
+        if spec == "all":
+            return cls("all")
+        if kind == "labels":
+            return cls("labels", groups=_label_groups(arg))
+        if kind == "kmeans":
+            k, _, index = arg.partition(":")
+            if not k.isdigit() or int(k) < 1 or (index and not (index.isdigit() and int(index) < int(k))):
+                raise ValueError(f"kmeans partition needs a cluster count, e.g. 'kmeans:4', got {spec!r}")
+            return cls("kmeans", k=int(k), index=int(index) if index else None)
+        raise ValueError(f"partition must be 'all', 'labels:0,6|1,7|...' or 'kmeans:<k>', got {spec!r}")
+
+    @classmethod
+    def of_shards(cls, specs: list[str]) -> PartitionSpec:
+        """The partition whose shards, in order, are the given shard specs (the experts' cards)."""
+        parsed = [cls.parse(s) for s in specs]
+        if all(p.kind == "labels" and len(p.groups) == 1 for p in parsed):
+            return cls(
+                "labels", groups=_label_groups("|".join(str(p).removeprefix("labels:") for p in parsed))
+            )
+        if all(p.kind == "kmeans" for p in parsed) and [p.index for p in parsed] == list(range(parsed[0].k)):
+            if len({p.k for p in parsed}) == 1:
+                return cls("kmeans", k=parsed[0].k)
+        raise ValueError(
+            f"cannot route one gate over shards {specs}: they must be label groups, or clusters 0..k-1 of one "
+            "k-means partition, in order"
+        )
+
+    def __str__(self) -> str:
+        if self.kind == "labels":
+            return "labels:" + "|".join(",".join(str(v) for v in g) for g in self.groups)
+        if self.kind == "kmeans":
+            return f"kmeans:{self.k}" + ("" if self.index is None else f":{self.index}")
+        return "all"
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.groups) if self.kind == "labels" else self.k if self.kind == "kmeans" else 1
+
+    def _check(self, index: int) -> None:
+        if not 0 <= index < self.num_shards:
+            raise ValueError(
+                f"shard index must be in [0, {self.num_shards - 1}] for partition {self}, got {index}"
+            )
+
+    def shard_spec(self, index: int) -> str:
+        """The spec of one shard: 'labels:0,6', 'kmeans:4:2' or 'all'."""
+        self._check(index)
+        if self.kind == "labels":
+            return "labels:" + ",".join(str(v) for v in self.groups[index])
+        return f"kmeans:{self.k}:{index}" if self.kind == "kmeans" else "all"
+
+    def shard_name(self, index: int) -> str:
+        """'labels:0,6|1,7' shard 0 -> 'digits-0-6'; 'kmeans:4' shard 2 -> 'cluster-2'."""
+        self._check(index)
+        if self.kind == "labels":
+            return "digits-" + "-".join(str(v) for v in self.groups[index])
+        return f"cluster-{index}" if self.kind == "kmeans" else "dense"
+
+
+def _label_groups(arg: str) -> tuple[tuple[int, ...], ...]:
+    """'0,6|1,4,7' -> ((0, 6), (1, 4, 7)); a clear error for a bad or overlapping spec."""
     try:
-        groups = [[int(v) for v in g.split(",") if v.strip()] for g in spec.split("|")]
+        groups = tuple(tuple(int(v) for v in g.split(",") if v.strip()) for g in arg.split("|"))
     except ValueError:
         raise ValueError(
-            f"partition groups must be comma-separated integers split by '|', got {spec!r}"
+            f"partition groups must be comma-separated integers split by '|', got {arg!r}"
         ) from None
     flat = [v for g in groups for v in g]
-    if any(not g for g in groups) or len(flat) != len(set(flat)):
-        raise ValueError(f"partition groups must be non-empty and disjoint, got {spec!r}")
+    if any(not g for g in groups) or len(flat) != len(set(flat)) or any(v < 0 for v in flat):
+        raise ValueError(f"partition groups must be non-empty, disjoint and >= 0, got {arg!r}")
     return groups
 
 
@@ -44,32 +124,19 @@ def kmeans(
     return torch.cdist(features, centroids).argmin(dim=1), centroids
 
 
-def partition(data: Dataset, spec: str, seed: int = 0) -> list[torch.Tensor]:
-    """Index tensors, one per shard. spec: 'all', 'labels:<groups>' or 'kmeans:<k>'."""
-    if spec == "all":
+def partition(data: Dataset, spec: str | PartitionSpec, seed: int = 0) -> list[torch.Tensor]:
+    """Index tensors, one per shard of the partition `spec`."""
+    p = PartitionSpec.parse(spec) if isinstance(spec, str) else spec
+    if p.kind == "all":
         return [torch.arange(len(data))]
-    kind, _, arg = spec.partition(":")
-    if kind == "labels":
-        return [torch.isin(data.labels, torch.tensor(g)).nonzero().flatten() for g in parse_label_groups(arg)]
-    if kind == "kmeans":
-        if not arg.isdigit() or int(arg) < 1:
-            raise ValueError(f"kmeans partition needs a cluster count, e.g. 'kmeans:4', got {spec!r}")
-        assign, _ = kmeans(kmeans_features(data.images), int(arg), seed=seed)
-        return [(assign == j).nonzero().flatten() for j in range(int(arg))]
-    raise ValueError(f"partition must be 'all', 'labels:0,6|1,7|...' or 'kmeans:<k>', got {spec!r}")
-
-
-def shard_spec(spec: str, index: int) -> str:
-    """The spec of one shard, recorded in its expert's card: 'labels:0,6' or 'kmeans:4:2'."""
-    kind, _, arg = spec.partition(":")
-    if kind == "labels":
-        return "labels:" + ",".join(str(v) for v in parse_label_groups(arg)[index])
-    return f"{spec}:{index}" if kind == "kmeans" else spec
+    if p.kind == "labels":
+        return [torch.isin(data.labels, torch.tensor(g)).nonzero().flatten() for g in p.groups]
+    assign, _ = kmeans(kmeans_features(data.images), p.k, seed=seed)
+    return [(assign == j).nonzero().flatten() for j in range(p.k)]
 
 
 def shard(data: Dataset, spec: str, index: int, seed: int = 0) -> Dataset:
     """Shard `index` of the partition `spec`."""
-    parts = partition(data, spec, seed)
-    if not 0 <= index < len(parts):
-        raise ValueError(f"shard index must be in [0, {len(parts) - 1}] for partition {spec!r}, got {index}")
-    return data.subset(parts[index])
+    p = PartitionSpec.parse(spec)
+    p.shard_spec(index)  # checks the index
+    return data.subset(partition(data, p, seed)[index])

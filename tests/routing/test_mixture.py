@@ -88,8 +88,8 @@ def test_guidance_shares_routing_and_equals_guidance_of_the_mixture() -> None:
     plan = mix.plan(x, sigma, cond, guidance_scale=3.0)
     assert plan.x.shape[0] == 10 and torch.equal(plan.routing.indices[:5], plan.routing.indices[5:])
     guided = mix.evaluate(plan)
-    d_c = mix.evaluate(plan_step(logits, x, sigma, cond, 2))
-    d_u = mix.evaluate(plan_step(logits, x, sigma, torch.zeros_like(cond), 2))
+    d_c = mix.evaluate(plan_step(logits, x, sigma, cond, top_k=2))
+    d_u = mix.evaluate(plan_step(logits, x, sigma, torch.zeros_like(cond), top_k=2))
     torch.testing.assert_close(guided, d_u + 3.0 * (d_c - d_u))
 
 
@@ -113,3 +113,59 @@ def test_mixture_validates_its_experts() -> None:
     other = Expert(card("wide").model_copy(update={"latent_shape": (1, 4, 4)}), GaussianDenoiser(0, 1))
     with pytest.raises(ValueError, match="latent_shape"):
         Mixture([e[0], other], PrototypeGate())
+
+
+class PosteriorGate(Gate):
+    """The true posterior of a Gaussian mixture: logit_k = log pi_k + log N(x; mu_k, (s_k^2 + sigma^2) I)."""
+
+    def __init__(self, means: torch.Tensor, stds: torch.Tensor, priors: torch.Tensor) -> None:
+        super().__init__()
+        self.means, self.stds, self.priors = means, stds, priors
+
+    def forward(self, x, sigma, cond, experts):  # noqa: ANN001, ANN201
+        return log_joint(x, sigma, self.means, self.stds, self.priors)
+
+
+def log_joint(x, sigma, means, stds, priors):  # noqa: ANN001, ANN201
+    """(B, K): log pi_k + log N(x; mu_k, (s_k^2 + sigma^2) I) for x: (B, C, H, W)."""
+    d = x[0].numel()
+    var = stds[None] ** 2 + sigma[:, None] ** 2  # (B, K)
+    sq = ((x.flatten(1)[:, None] - means.flatten(1)[None]) ** 2).sum(-1)  # (B, K)
+    return priors.log()[None] - 0.5 * sq / var - 0.5 * d * (2 * math.pi * var).log()
+
+
+class VectorGaussianDenoiser(torch.nn.Module):
+    """E[x0 | x] for x0 ~ N(mean, s^2 I): mean + (x - mean) s^2 / (s^2 + sigma^2)."""
+
+    def __init__(self, mean: torch.Tensor, s: float) -> None:
+        super().__init__()
+        self.mean, self.s = mean, s
+
+    def forward(self, x, sigma, cond=None):  # noqa: ANN001, ANN201
+        s2 = self.s**2
+        return self.mean + (x - self.mean) * s2 / (sigma.reshape(-1, 1, 1, 1) ** 2 + s2)
+
+
+def test_the_mixture_of_optimal_experts_under_the_true_posterior_is_the_optimal_denoiser() -> None:
+    """The design's exactness claim, checked independently: with the true posterior p(k | x, sigma) as the
+    gate and k = N, sum_k w_k D_k equals Tweedie's D(x) = x + sigma^2 grad log p_sigma(x) of the whole
+    Gaussian mixture, whose score is taken by autograd, not from the formula under test."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        g = torch.Generator().manual_seed(0)
+        k = 3
+        means = torch.randn(k, 1, 2, 2, generator=g) * 2
+        stds = torch.tensor([0.3, 0.7, 1.2])
+        priors = torch.tensor([0.5, 0.3, 0.2])
+        experts = [Expert(card(f"g{i}"), VectorGaussianDenoiser(means[i], float(stds[i]))) for i in range(k)]
+        mix = Mixture(experts, PosteriorGate(means, stds, priors), top_k=k)
+        x = torch.randn(64, 1, 2, 2, generator=g) * 3
+        sigma = torch.exp(torch.empty(64).uniform_(math.log(0.01), math.log(20), generator=g))
+        ours = mix(x, sigma)
+        xr = x.clone().requires_grad_(True)
+        log_p = torch.logsumexp(log_joint(xr, sigma, means, stds, priors), dim=1).sum()
+        (score,) = torch.autograd.grad(log_p, xr)
+        tweedie = x + sigma.reshape(-1, 1, 1, 1) ** 2 * score
+        torch.testing.assert_close(ours, tweedie, rtol=1e-9, atol=1e-9)
+    finally:
+        torch.set_default_dtype(torch.float32)

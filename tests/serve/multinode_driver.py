@@ -192,12 +192,12 @@ def run(work: Path, timings: dict[str, float]) -> dict:
         check(used == ["a", "b"], f"the trace should use exactly experts a and b, it used {used}")
         arr = np.frombuffer(base64.b64decode(body["images"]), dtype="<f4").reshape(body["shape"])
 
-        from mode_ray.routing import GenerateParams, generate_local, load_bundle
+        from mode_ray.generation import GenerateParams, generate_local, load_bundle
 
         t = time.monotonic()
         torch.set_num_threads(1)  # as in the replicas: CPU reductions depend on the thread count
         bundle = load_bundle(model)
-        expected = generate_local(bundle.mixture, bundle.config, bundle.encoder, GenerateParams(**REQUEST))
+        expected = generate_local(bundle.mixture, bundle.config, GenerateParams(**REQUEST))
         timings["reference_s"] = time.monotonic() - t
         diff = float((torch.from_numpy(arr.copy()) - expected.images).abs().max())
         check(diff <= 1e-5, f"served images differ from the in-process mixture by {diff} (> 1e-5)")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mode_ray.train.data import _NumpyOnlyUnpickler, load_dataset, load_mnist, load_npz
-from mode_ray.train.partitions import parse_label_groups, partition, shard, shard_spec
+from mode_ray.train.partitions import PartitionSpec, partition, shard
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +57,28 @@ def test_label_partitions(mnist) -> None:  # noqa: ANN001
     parts = partition(mnist, "labels:0,6|1,4,7|2,3,5|8,9")
     assert sum(len(p) for p in parts) == len(mnist)
     assert set(mnist.labels[parts[1]].unique().tolist()) == {1, 4, 7}
-    assert shard_spec("labels:0,6|1,4,7", 1) == "labels:1,4,7"
-    assert parse_label_groups("0,6|1") == [[0, 6], [1]]
-    for bad in ("0,6|6,1", "0,x", "0||1"):
+    assert PartitionSpec.parse("labels:0,6|1,4,7").shard_spec(1) == "labels:1,4,7"
+    assert PartitionSpec.parse("labels:0,6|1").groups == ((0, 6), (1,))
+    for bad in ("labels:0,6|6,1", "labels:0,x", "labels:0||1", "labels:-1"):
         with pytest.raises(ValueError, match="partition groups"):
-            parse_label_groups(bad)
+            PartitionSpec.parse(bad)
+
+
+def test_partition_specs_round_trip_and_rebuild_from_shards() -> None:
+    for spec in ("all", "labels:0,6|1,4,7|2,3,5|8,9", "kmeans:4"):
+        assert str(PartitionSpec.parse(spec)) == spec
+    p = PartitionSpec.parse("labels:0,6|1,4,7")
+    assert [p.shard_name(i) for i in range(p.num_shards)] == ["digits-0-6", "digits-1-4-7"]
+    shards = [p.shard_spec(i) for i in range(p.num_shards)]
+    assert PartitionSpec.of_shards(shards) == p  # what the gate rebuilds from the experts' cards
+    k = PartitionSpec.parse("kmeans:3")
+    assert PartitionSpec.of_shards([k.shard_spec(i) for i in range(3)]) == k
+    with pytest.raises(ValueError, match="clusters 0..k-1"):
+        PartitionSpec.of_shards(["kmeans:3:1", "kmeans:3:0", "kmeans:3:2"])  # out of order
+    with pytest.raises(ValueError, match="disjoint"):
+        PartitionSpec.of_shards(["labels:0,6", "labels:6"])  # a hot-added copy overlapping a known shard
+    with pytest.raises(ValueError, match=r"shard index must be in \[0, 1\]"):
+        p.shard_spec(2)
 
 
 def test_kmeans_partition_covers_the_data(mnist) -> None:  # noqa: ANN001

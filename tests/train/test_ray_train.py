@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from mode_ray.generation.bundle import load_bundle
 from mode_ray.models import load_expert
-from mode_ray.routing.bundle import load_bundle
 from mode_ray.train.jobs import train_experts, train_gate
 from mode_ray.train.loops import JobConfig
 

@@ -38,7 +38,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., class_label: _Optional[int] = ..., num_images: _Optional[int] = ..., steps: _Optional[int] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., experts: _Optional[_Iterable[str]] = ..., exclude_experts: _Optional[_Iterable[str]] = ..., output: _Optional[str] = ..., deadline_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("png", "images", "shape", "labels", "trace", "request_id", "seconds")
+    __slots__ = ("png", "images", "shape", "labels", "trace", "request_id", "seconds", "seed", "dropped_mass", "registry_version")
     PNG_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,9 @@ class GenerateResponse(_message.Message):
     TRACE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_MASS_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_VERSION_FIELD_NUMBER: _ClassVar[int]
     png: bytes
     images: bytes
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -53,7 +56,10 @@ class GenerateResponse(_message.Message):
     trace: _containers.RepeatedCompositeFieldContainer[StepTrace]
     request_id: str
     seconds: float
-    def __init__(self, png: _Optional[bytes] = ..., images: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., trace: _Optional[_Iterable[_Union[StepTrace, _Mapping]]] = ..., request_id: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+    seed: int
+    dropped_mass: float
+    registry_version: int
+    def __init__(self, png: _Optional[bytes] = ..., images: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., trace: _Optional[_Iterable[_Union[StepTrace, _Mapping]]] = ..., request_id: _Optional[str] = ..., seconds: _Optional[float] = ..., seed: _Optional[int] = ..., dropped_mass: _Optional[float] = ..., registry_version: _Optional[int] = ...) -> None: ...
 
 class StepTrace(_message.Message):
     __slots__ = ("step", "sigma", "rows")

@@ -1,5 +1,6 @@
-"""Expert clients: how the router reaches an expert. One small interface; gRPC (Open Inference Protocol)
-through the Serve gRPC proxy, or straight to any OIP endpoint, is the default transport."""
+"""The router's transport to experts: one small `ExpertClient` interface; gRPC (Open Inference Protocol)
+through the Serve gRPC proxy, or straight to any OIP endpoint, is the default. (The user-facing HTTP
+client of a cluster is `mode_ray.client`.)"""
 
 from __future__ import annotations
 
@@ -13,14 +14,11 @@ import torch
 from mode_ray.proto.inference import grpc_predict_v2_pb2 as pb
 from mode_ray.proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from mode_ray.serve.config import expert_app_name
+from mode_ray.serve.errors import ExpertCallError
 from mode_ray.serve.oip import decode_infer_response, encode_infer_request
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _CHANNELS: dict[str, grpc.aio.Channel] = {}
-
-
-class ExpertCallError(RuntimeError):
-    """An expert call failed (transport error, timeout or a bad reply)."""
 
 
 class ExpertClient(Protocol):
@@ -78,7 +76,7 @@ class GrpcExpertClient:
         try:
             reply = await self._stub.ModelInfer(request, metadata=self._metadata, timeout=timeout)
         except grpc.aio.AioRpcError as e:
-            raise ExpertCallError(f"expert {self.name!r}: {e.code().name}: {e.details()}") from None
+            raise ExpertCallError(f"expert {self.name!r}: {e.code().name}: {e.details()}", e.code()) from None
         try:
             out = decode_infer_response(reply)["x0_hat"]
         except (KeyError, ValueError) as e:

@@ -1,23 +1,13 @@
-"""A small HTTP client for a running cluster (what `mode-ray generate --url` and `mode-ray experts` use)."""
+"""The Python client of a running cluster (HTTP); what `mode-ray generate --url`, `mode-ray experts` and
+`mode-ray gate` use. Results are the same `GenerationResult` that in-process generation returns."""
 
 from __future__ import annotations
 
-import base64
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import numpy as np
-import torch
 
-
-@dataclass(frozen=True)
-class RemoteResult:
-    images: torch.Tensor  # (N, C, H, W) in [0, 1]
-    labels: list[int]
-    seed: int
-    trace: list[dict]
-    raw: dict
+from mode_ray.generation import GenerationResult
 
 
 class ClusterError(RuntimeError):
@@ -35,20 +25,20 @@ def _check(response: httpx.Response) -> Any:
     return response.json()
 
 
-def generate_remote(url: str, params: dict, timeout: float = 600.0) -> RemoteResult:
+def _auth(token: str | None) -> dict:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def generate(url: str, params: dict, timeout: float = 600.0) -> GenerationResult:
+    """POST /v1/generate with `params` (GenerateParams fields) and decode the JSON result."""
     body = _check(
         httpx.post(f"{url.rstrip('/')}/v1/generate", json={**params, "output": "json"}, timeout=timeout)
     )
-    arr = np.frombuffer(base64.b64decode(body["images"]), dtype="<f4").reshape(body["shape"]).copy()
-    return RemoteResult(torch.from_numpy(arr), body["labels"], body["seed"], body["trace"], body)
+    return GenerationResult.from_json(body)
 
 
 def list_experts(url: str) -> dict:
     return _check(httpx.get(f"{url.rstrip('/')}/v1/experts", timeout=30))
-
-
-def _auth(token: str | None) -> dict:
-    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def add_expert(
@@ -66,3 +56,10 @@ def add_expert(
 
 def remove_expert(url: str, name: str, token: str | None, timeout: float = 600.0) -> dict:
     return _check(httpx.delete(f"{url.rstrip('/')}/v1/experts/{name}", headers=_auth(token), timeout=timeout))
+
+
+def publish_gate(url: str, path: str, token: str | None, timeout: float = 120.0) -> dict:
+    """PUT /v1/gate: route new requests with the learned gate in `path` (a new registry version)."""
+    return _check(
+        httpx.put(f"{url.rstrip('/')}/v1/gate", json={"path": path}, headers=_auth(token), timeout=timeout)
+    )

@@ -320,12 +320,13 @@ def generate(
     if local:
         from pydantic import ValidationError
 
+        from mode_ray import env
         from mode_ray.generation import GenerateParams, generate_local, load_bundle
         from mode_ray.models.card import format_validation_error
 
         try:
             params = GenerateParams(**fields)
-            bundle = load_bundle(model)
+            bundle = load_bundle(model, env.device())
             result = generate_local(bundle.mixture, bundle.config, params)
         except ValidationError as e:
             raise typer.BadParameter(format_validation_error(e, "generate")) from None

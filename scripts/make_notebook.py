@@ -70,6 +70,30 @@ print("last step: ", list(zip(last.experts[0], last.weights[0])))""",
     ),
     (
         "md",
+        """## A hot-added expert and the learned gate
+The learned gate was trained on the four shipped experts. For an expert it does not know it *abstains*: on
+unconditional rows the newcomer gets no weight (so unconditional sampling is unchanged), on conditional rows
+its learned term is neutral and the prototype gate decides. Here a copy of `digits-8-9` is added under a new
+name with a prototype that holds digit 3.""",
+    ),
+    (
+        "code",
+        """from mode_ray.models import load_expert
+from mode_ray.models.checkpoint import Expert
+from mode_ray.routing import Mixture
+
+src = load_expert(DEFAULT_MODEL / "experts" / "digits-8-9")
+card = src.card.model_copy(update={"name": "newcomer", "prototype": torch.eye(10)[3].tolist()})
+added = Mixture([*bundle.mixture.experts, Expert(card, src.denoiser)], bundle.mixture.gate, top_k=2)
+p = GenerateParams(num_images=4, seed=1, steps=6)
+same = generate_local(added, bundle.config, p).images.equal(generate_local(bundle.mixture, bundle.config, p).images)
+print("unconditional samples unchanged by the hot-add:", same)
+three = generate_local(added, bundle.config, GenerateParams(prompt=3, num_images=1, seed=0, steps=6))
+for t in three.trace[::3]:
+    print(f"sigma {t.sigma:8.3f}", list(zip(t.experts[0], t.weights[0])))""",
+    ),
+    (
+        "md",
         """## Exactness of the mixture maths
 With `k = N` the mixture is the dense softmax mixture; pinning one expert gives that expert alone.""",
     ),

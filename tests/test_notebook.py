@@ -4,13 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from mode_ray.cli import DEFAULT_MODEL
-
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "walkthrough.ipynb"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DEFAULT_MODEL / "mixture.json").exists(), reason="no shipped model yet")
 def test_walkthrough_executes() -> None:
     import nbformat
     from nbclient import NotebookClient

@@ -67,7 +67,7 @@ def weights_of(name: str, trace) -> list[float]:  # noqa: ANN001
         w
         for t in trace
         for row, ws in zip(t.experts, t.weights, strict=True)
-        for n, w in zip(row, ws)
+        for n, w in zip(row, ws, strict=True)
         if n == name
     ]
 

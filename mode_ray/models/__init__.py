@@ -9,14 +9,13 @@ from mode_ray.models.checkpoint import (
     load_expert,
     save_expert,
 )
-from mode_ray.models.conditions import ClassLabelEncoder, ConditionEncoder
+from mode_ray.models.conditions import ClassLabelEncoder
 from mode_ray.models.unet import UNET_PRESETS, UNet, UNetConfig
 
 __all__ = [
     "UNET_PRESETS",
     "CheckpointError",
     "ClassLabelEncoder",
-    "ConditionEncoder",
     "Expert",
     "ExpertCard",
     "UNet",

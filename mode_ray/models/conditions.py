@@ -1,28 +1,17 @@
 """Condition encoders: prompt -> cond (B, D). The default encodes the data set's class labels one-hot.
 
 The all-zeros row is the null condition (unconditional branch of classifier-free guidance), which is
-what experts see during condition dropout. A text encoder can implement the same protocol later.
+what experts see during condition dropout.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Protocol
 
 import torch
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
-
-class ConditionEncoder(Protocol):
-    """Maps prompts to cond: (B, D); `dim` is D."""
-
-    dim: int
-
-    def encode(self, prompts: Sequence[str | int]) -> torch.Tensor: ...
-
-    def labels(self, prompts: Sequence[str | int]) -> list[int]: ...
 
 
 class ClassLabelEncoder:

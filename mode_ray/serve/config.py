@@ -44,7 +44,9 @@ class ExpertDeployment(BaseModel):
     max_queued_requests: int = Field(256, ge=-1, description="-1: unbounded")
     max_batch_size: int = Field(64, ge=1, description="@serve.batch: calls merged into one forward pass")
     batch_wait_timeout_s: float = Field(0.002, ge=0)
-    device: str | None = Field(None, description="'cuda' or 'cpu'; default: cuda when the replica has a GPU")
+    device: str | None = Field(
+        None, description="'cuda' or 'cpu'; default: MODE_RAY_DEVICE, else cuda when the replica has a GPU"
+    )
     resources: dict[str, float] = Field(
         default_factory=dict,
         description="custom Ray resources per replica, e.g. {'accelerator_type:H100': 0.01}",

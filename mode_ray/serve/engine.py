@@ -121,6 +121,7 @@ class StepEngine:
             started=now,
             on_progress=on_progress,
         )
+        self.metrics.registry_version.set(snapshot.version)
         self._ensure_loop()
         await self._queue.put(item)
         self._wake.set()

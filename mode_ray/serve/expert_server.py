@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from ray import serve
 
+from mode_ray import env
 from mode_ray.models.card import ExpertCard
 from mode_ray.models.checkpoint import Expert, load_card, load_expert
 from mode_ray.proto.inference import grpc_predict_v2_pb2 as pb
@@ -93,7 +94,7 @@ def _cpu_threads() -> int | None:
 class ExpertServer:
     """OIP v2 gRPC server of one expert (`expert_dir` with `expert.json` + `model.safetensors`).
 
-    Loaded once per replica; `device=None` picks cuda when torch sees a GPU, else cpu.
+    Loaded once per replica; `device=None` takes MODE_RAY_DEVICE, else cuda when torch sees a GPU, else cpu.
     """
 
     def __init__(
@@ -108,8 +109,8 @@ class ExpertServer:
         if threads is not None:
             torch.set_num_threads(threads)
         if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device.startswith("cuda") and not torch.cuda.is_available():
+            device = env.device()  # MODE_RAY_DEVICE, else cuda when torch sees a GPU
+        if device.startswith("cuda") and not torch.cuda.is_available():
             card = load_card(expert_dir)
             raise RuntimeError(
                 f"expert {card.name!r}: device {device!r} was requested but torch sees no GPU "

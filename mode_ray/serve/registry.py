@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mode_ray.models.card import ExpertCard
+from mode_ray.models.card import ExpertCard, format_validation_error
 
 State = Literal["deploying", "ready", "draining"]
 REGISTRY_FILE = "registry.json"
@@ -75,10 +75,13 @@ class Registry:
             return RegistryFile()
         try:
             return RegistryFile.model_validate(json.loads(self.path.read_text()))
-        except (ValueError, json.JSONDecodeError) as e:
-            raise RuntimeError(
-                f"registry {self.path} is corrupt ({e}); move it away to start from the model"
-            ) from None
+        except ValidationError as e:
+            problem = format_validation_error(e, "registry")
+        except ValueError as e:  # JSONDecodeError
+            problem = f"not valid JSON: {e}"
+        raise RuntimeError(
+            f"registry {self.path} is corrupt ({problem}); move it away to start from the model"
+        )
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,11 +7,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from mode_ray.models.card import read_json
-from mode_ray.models.checkpoint import load_state
+from mode_ray.models.checkpoint import load_state, save_artifact
 
 
 class Classifier(nn.Module):
@@ -58,16 +57,8 @@ class Classifier(nn.Module):
 
 
 def save_classifier(path: str | Path, model: Classifier, metrics: dict) -> Path:
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        str(path / "model.safetensors"),
-    )
-    (path / "classifier.json").write_text(
-        json.dumps({"config": model.config, "metrics": metrics}, indent=2) + "\n"
-    )
-    return path
+    card = json.dumps({"config": model.config, "metrics": metrics}, indent=2)
+    return save_artifact(path, "classifier.json", card, model)
 
 
 def load_classifier(path: str | Path) -> Classifier:

@@ -7,7 +7,6 @@ checkpoint evaluated in-process.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from pathlib import Path
 
@@ -308,32 +307,6 @@ def test_bad_requests_name_the_field(tiny):
         for word in words:
             assert word in err.details(), (key, word)
     assert decode_infer_response(ok)["x0_hat"].shape == (3, *SHAPE)
-
-
-@pytest.mark.serve
-def test_model_infer_latency_through_proxy(tiny, record_property):
-    cluster, _ = tiny
-    n = 50
-
-    async def measure(stub, rows):
-        req = encode_infer_request("tiny", _inputs(rows, 5), request_id="lat")
-        for _ in range(5):
-            await stub.ModelInfer(req, metadata=_md("expert-tiny"), timeout=TIMEOUT_S)
-        samples = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            await stub.ModelInfer(req, metadata=_md("expert-tiny"), timeout=TIMEOUT_S)
-            samples.append(time.perf_counter() - t0)
-        return statistics.median(samples) * 1e3
-
-    async def calls(stub):
-        return {rows: await measure(stub, rows) for rows in (1, 32)}
-
-    medians = _with_stub(cluster.grpc_target, calls)
-    for rows, ms in medians.items():
-        record_property(f"model_infer_median_ms_b{rows}", round(ms, 2))
-        print(f"\n[expert] ModelInfer B={rows} via the gRPC proxy, median of {n}: {ms:.2f} ms")
-    assert medians[1] < 500
 
 
 @pytest.mark.serve

@@ -17,9 +17,7 @@ Pins down the behaviour the serving code relies on (Ray 2.60):
 from __future__ import annotations
 
 import asyncio
-import statistics
 import sys
-import time
 
 import grpc
 import numpy as np
@@ -109,8 +107,9 @@ class ToyExpert:
 
 def test_single_app_receives_any_application_name(serve_cluster):
     """With exactly one application, Serve routes every gRPC call to it, whatever the metadata."""
-    if serve.status().applications:
-        pytest.skip("needs a cluster without other applications")
+    # This module runs after the other Serve modules have deleted their applications (module fixtures),
+    # and before its own `experts` fixture deploys any: a leftover application is a leak elsewhere.
+    assert not serve.status().applications, f"applications left deployed: {list(serve.status().applications)}"
     serve.run(ToyExpert.bind("solo", 5.0), name="solo", route_prefix="/solo")
     try:
 
@@ -262,31 +261,3 @@ def test_server_streaming_through_proxy(experts):
     final = messages[-1]
     assert final.HasField("result")
     assert final.result.request_id == "expert-b" and list(final.result.shape) == [2, 3, 8, 8]
-
-
-def test_model_infer_latency_through_proxy(experts, record_property):
-    x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
-    req = encode_infer_request("expert-a", {"x": x}, request_id="lat")
-    n = 200
-
-    async def main():
-        async with grpc.aio.insecure_channel(experts.grpc_target) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            for _ in range(10):  # warm up
-                await stub.ModelInfer(req, metadata=_md("expert-a"), timeout=TIMEOUT_S)
-            samples = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                await stub.ModelInfer(req, metadata=_md("expert-a"), timeout=TIMEOUT_S)
-                samples.append(time.perf_counter() - t0)
-            return samples
-
-    samples = sorted(_run(main()))
-    median_ms = statistics.median(samples) * 1e3
-    p90_ms = samples[int(0.9 * n)] * 1e3
-    record_property("model_infer_median_ms", round(median_ms, 2))
-    print(
-        f"\n[probe] ModelInfer via Serve gRPC proxy, {n} sequential calls: median {median_ms:.2f} ms, "
-        f"p90 {p90_ms:.2f} ms, min {samples[0] * 1e3:.2f} ms"
-    )
-    assert median_ms < 250

@@ -1,0 +1,52 @@
+"""The expert registry: versions, snapshots, atomic persistence, and a clear error for a corrupt file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mode_ray.serve.registry import REGISTRY_FILE, ExpertEntry, Registry
+from tests.routing.helpers import card
+
+
+def entry(name: str, state: str = "ready") -> ExpertEntry:
+    return ExpertEntry(name=name, version="1", card=card(name), path=f"/experts/{name}", state=state)
+
+
+def test_every_change_bumps_the_version_and_survives_a_restart(tmp_path) -> None:  # noqa: ANN001
+    reg = Registry(tmp_path)
+    assert reg.version == 0 and reg.entries() == [] and reg.gate is None
+    assert reg.upsert(entry("a")) == 1
+    assert reg.upsert(entry("b", "deploying")) == 2
+    assert reg.set_gate(str(tmp_path / "gates" / "1")) == 3
+    snap = reg.snapshot("the-gate")
+    assert snap.version == 3 and snap.names == ["a"] and snap.gate == "the-gate"  # b is not ready yet
+    assert reg.set_state("b", "ready") == 4
+    assert reg.remove("a") == 5
+
+    again = Registry(tmp_path)  # a router restart reads the same file
+    assert again.version == 5 and [e.name for e in again.entries()] == ["b"]
+    assert again.get("b") == reg.get("b") and again.get("b").state == "ready"
+    assert again.gate == str(tmp_path / "gates" / "1")
+    assert not list(tmp_path.glob(".registry-*"))  # no temp file left behind by the atomic writes
+
+
+def test_snapshots_are_immune_to_later_changes(tmp_path) -> None:  # noqa: ANN001
+    reg = Registry(tmp_path)
+    reg.upsert(entry("a"))
+    snap = reg.snapshot()
+    reg.upsert(entry("b"))
+    reg.remove("a")
+    assert snap.names == ["a"] and reg.snapshot().names == ["b"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", json.dumps({"version": "x"}), json.dumps({"version": 1, "experts": [{"name": 1}]})],
+)
+def test_a_corrupt_registry_file_is_a_clear_error_and_is_left_alone(tmp_path, content: str) -> None:  # noqa: ANN001
+    (tmp_path / REGISTRY_FILE).write_text(content)
+    with pytest.raises(RuntimeError, match="is corrupt .* move it away to start from the model"):
+        Registry(tmp_path)
+    assert (tmp_path / REGISTRY_FILE).read_text() == content

@@ -151,7 +151,7 @@ class Router:
     async def list_experts(self) -> dict:
         return {
             "registry_version": self.registry.version,
-            "gate": self.registry.gate or str(self.args.model_dir / str(self.config.gate.learned)),
+            "gate": self.registry.gate or self._model_gate,
             "experts": [
                 {
                     "name": e.name,
@@ -169,12 +169,23 @@ class Router:
         (by name: the expert root by default)."""
         roots = roots or {"the expert root": self._expert_root}
         resolved = {what: r.resolve() for what, r in roots.items()}
-        path = Path(raw)
-        path = (path if path.is_absolute() else next(iter(resolved.values())) / path).resolve()
+        try:
+            path = Path(raw)
+            path = (path if path.is_absolute() else next(iter(resolved.values())) / path).resolve()
+            path.exists()  # e.g. a component longer than the file system allows
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"path {raw[:80]!r} is not a usable path: {getattr(e, 'strerror', None) or e}"
+            ) from None
         if not any(path.is_relative_to(r) for r in resolved.values()):
             where = " or ".join(f"{what} {str(r)!r}" for what, r in resolved.items())
             raise ValueError(f"path {raw!r} is outside {where}")
         return path
+
+    @property
+    def _model_gate(self) -> str | None:
+        learned = self.config.gate.learned
+        return None if learned is None else str((self.args.model_dir / learned).resolve())
 
     @property
     def _expert_root(self) -> Path:

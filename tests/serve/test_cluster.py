@@ -190,6 +190,7 @@ def test_admin_api_needs_the_token(cluster) -> None:  # noqa: ANN001
         ({"path": "../../etc"}, 400, "outside the expert root"),
         ({"path": "a"}, 409, "already registered"),
         ({"paht": "d"}, 422, "paht"),
+        ({"path": "x" * 300}, 400, "File name too long"),
     ]:
         r = httpx.post(url, json=body, headers=AUTH, timeout=60)
         assert r.status_code == status and words in r.json()["detail"], r.text
@@ -300,6 +301,7 @@ def test_publishing_an_extended_gate_routes_the_hot_added_expert_without_a_redep
             ("/etc", "outside"),
             ("gates/wrong-cond", "cond_dim 3"),
             ("gates/missing", "gate.json"),
+            ("g" * 300, "File name too long"),
         ]:
             r = httpx.put(gate_url, json={"path": path}, headers=AUTH, timeout=60)
             assert r.status_code == 400 and words in r.json()["detail"], r.text

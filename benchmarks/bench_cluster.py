@@ -61,6 +61,12 @@ def run_load(fn, n: int, concurrency: int) -> tuple[list[float], float]:  # noqa
     return latencies, time.perf_counter() - t0
 
 
+def phase_medians(ticks: list[dict]) -> dict[str, float]:
+    """p50 over ticks of each phase (ms), and the p50 router overhead per evaluation."""
+    keys = [k for k in ticks[0] if k.endswith("_ms")] if ticks else []
+    return {k: round(statistics.median(t[k] for t in ticks), 3) for k in keys}
+
+
 def params(i: int, steps: int, images: int) -> dict:
     return {"prompt": i % 10, "num_images": images, "seed": i, "steps": steps}
 
@@ -129,38 +135,59 @@ def main() -> None:
     )
     url = f"http://127.0.0.1:{http_port}"
 
-    def deploy(continuous: bool) -> None:
+    expert_wait: list[float] = []
+
+    def deploy(continuous: bool, transport: str = "grpc", wait: float = 0.002, cohorts: int = 1) -> None:
+        if expert_wait and expert_wait[-1] != wait:  # the router leaves RUNNING experts alone: redeploy them
+            for name in bundle.mixture.names:
+                serve.delete(f"expert-{name}")
+        expert_wait.append(wait)
         a = AppArgs(
             model_dir=model,
             state_dir=work / "state",
             grpc_target=f"127.0.0.1:{grpc_port}",
-            expert={"num_cpus": args.expert_cpus, "max_replicas": 1},
-            router={"num_cpus": 0.25, "continuous_batching": continuous},
+            expert={"num_cpus": args.expert_cpus, "max_replicas": 1, "batch_wait_timeout_s": wait},
+            router={
+                "num_cpus": 0.25,
+                "continuous_batching": continuous,
+                "transport": transport,
+                "cohorts": cohorts,
+            },
         )
         serve.run(build_app(a), name=APP_NAME, route_prefix="/")
 
     client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64))
+    ticks: list[dict] = []  # the per-tick breakdown of every evaluation of the current configuration
 
     def remote(i: int) -> None:
-        r = client.post(f"{url}/v1/generate", json={**params(i, args.steps, args.images), "output": "json"})
+        body = {**params(i, args.steps, args.images), "output": "json", "timing": True}
+        r = client.post(f"{url}/v1/generate", json=body)
         r.raise_for_status()
+        ticks.extend(r.json()["timing"])
 
+    def measure(name: str, concurrency: int) -> None:
+        ticks.clear()
+        lat, wall = run_load(remote, args.requests, concurrency)
+        rows.append(summarize(name, lat, wall, args.requests * args.images))
+        breakdown[name] = phase_medians(ticks)
+
+    breakdown: dict[str, dict[str, float]] = {}
     try:
         t0 = time.perf_counter()
         deploy(True)
         start_s = time.perf_counter() - t0
+        for transport, wait in (("grpc", 0.002), ("handle", 0.002), ("handle", 0.0)):
+            deploy(True, transport, wait)
+            remote(0)
+            for c in (1, 16):
+                measure(f"cluster ({transport}, expert wait {wait * 1e3:g} ms), {c} concurrent", c)
+        deploy(True, "handle", 0.0, cohorts=2)
         remote(0)
         for c in (1, 16):
-            lat, wall = run_load(remote, args.requests, c)
-            rows.append(summarize(f"cluster, {c} concurrent", lat, wall, args.requests * args.images))
-        deploy(False)
+            measure(f"cluster (handle, expert wait 0 ms, 2 cohorts), {c} concurrent", c)
+        deploy(False, "grpc", 0.002)
         remote(0)
-        lat, wall = run_load(remote, args.requests, 16)
-        rows.append(
-            summarize(
-                "cluster, 16 concurrent, continuous batching off", lat, wall, args.requests * args.images
-            )
-        )
+        measure("cluster (grpc, expert wait 2 ms), 16 concurrent, continuous batching off", 16)
 
         # hot-add: a copy of an expert under a new name, then the first request pinned to it
         src = model / "experts" / "digits-8-9"
@@ -199,18 +226,23 @@ def main() -> None:
     def best_local(c: int) -> float:
         return max(r["images_per_s"] for r in rows if r["name"].startswith(f"in-process, {c} concurrent"))
 
-    ratios = {
-        "cluster_vs_best_in_process_1": round(by["cluster, 1 concurrent"]["images_per_s"] / best_local(1), 3),
-        "cluster_vs_best_in_process_16": round(
-            by["cluster, 16 concurrent"]["images_per_s"] / best_local(16), 3
-        ),
-        "continuous_batching_on_vs_off_16": round(
-            by["cluster, 16 concurrent"]["images_per_s"]
-            / by["cluster, 16 concurrent, continuous batching off"]["images_per_s"],
-            3,
-        ),
-        "cluster_16_vs_ideal_one_batch_of_16": round(by["cluster, 16 concurrent"]["images_per_s"] / ideal, 3),
-    }
+    ratios = {}
+    configs = sorted({r["name"].rsplit(", ", 1)[0] for r in rows if r["name"].startswith("cluster (")})
+    for config in configs:
+        one, sixteen = by.get(f"{config}, 1 concurrent"), by.get(f"{config}, 16 concurrent")
+        if one is None or sixteen is None:
+            continue
+        ratios[f"{config}: vs best in-process, 1 concurrent"] = round(one["images_per_s"] / best_local(1), 3)
+        ratios[f"{config}: vs best in-process, 16 concurrent"] = round(
+            sixteen["images_per_s"] / best_local(16), 3
+        )
+        ratios[f"{config}: at 16 vs one in-process batch of 16"] = round(sixteen["images_per_s"] / ideal, 3)
+    base = "cluster (grpc, expert wait 2 ms)"
+    ratios["continuous batching on vs off, 16 concurrent (grpc)"] = round(
+        by[f"{base}, 16 concurrent"]["images_per_s"]
+        / by[f"{base}, 16 concurrent, continuous batching off"]["images_per_s"],
+        3,
+    )
     meta = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, no GPU",
         "steps": args.steps,
@@ -226,11 +258,17 @@ def main() -> None:
     }
     OUT.mkdir(exist_ok=True)
     (OUT / "cluster.json").write_text(
-        json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=2) + "\n"
+        json.dumps({"meta": meta, "rows": rows, "ratios": ratios, "breakdown_p50_ms": breakdown}, indent=2)
+        + "\n"
     )
     lines = ["| configuration | images/s | p50 s | p95 s |", "|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['images_per_s']} | {r['p50_s']} | {r['p95_s']} |" for r in rows]
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in ratios.items()]
+    phases = list(next(iter(breakdown.values())))
+    lines += ["", "Per-tick breakdown, p50 over the ticks of each configuration (ms):", ""]
+    lines += ["| configuration | " + " | ".join(p.removesuffix("_ms") for p in phases) + " |"]
+    lines += ["|---|" + "---|" * len(phases)]
+    lines += [f"| {name} | " + " | ".join(str(b[p]) for p in phases) + " |" for name, b in breakdown.items()]
     lines += ["", "| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in meta.items()]
     (OUT / "cluster.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -284,6 +284,9 @@ def generate(
     top_p: Annotated[
         float | None, typer.Option(help="adaptive k: smallest expert set with this mass")
     ] = None,
+    min_weight: Annotated[
+        float | None, typer.Option(help="weight floor: chosen experts below this weight are not evaluated")
+    ] = None,
     expert: Annotated[
         list[str] | None, typer.Option(help="pin routing to these experts (repeatable)")
     ] = None,
@@ -313,6 +316,7 @@ def generate(
         "guidance_scale": guidance_scale,
         "top_k": top_k,
         "top_p": top_p,
+        "min_weight": min_weight,
         "experts": expert or [],
         "exclude_experts": exclude or [],
     }
@@ -363,6 +367,7 @@ def eval_cmd(
     sampler: Annotated[SamplerName | None, typer.Option(help="sampler (default: each model's)")] = None,
     guidance_scale: Annotated[float | None, typer.Option(help="guidance (default: each model's)")] = None,
     top_k: Annotated[int | None, typer.Option(help="experts per step (default: each model's)")] = None,
+    min_weight: Annotated[float | None, typer.Option(help="weight floor (default: each model's)")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
 ) -> None:
     """Accuracy, classifier-FID and denoising loss per sigma bucket for each model, side by side."""
@@ -379,7 +384,16 @@ def eval_cmd(
     for path in model:
         bundle = load_bundle(path)
         result, images, labels = evaluate(
-            bundle, judge, test, num_samples, steps, sampler, guidance_scale, top_k, seed
+            bundle,
+            judge,
+            test,
+            num_samples,
+            steps,
+            sampler,
+            guidance_scale,
+            top_k,
+            seed,
+            min_weight=min_weight,
         )
         results.append(result)
         per_class = len(images) // bundle.encoder.dim

@@ -51,6 +51,12 @@ class MixtureConfig(BaseModel):
     gate: GateSpec = Field(default_factory=GateSpec)
     top_k: int = Field(2, ge=1, le=16)
     top_p: float | None = Field(None, gt=0, le=1)
+    min_weight: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="weight floor: experts below it are not evaluated (the rest renormalised)",
+    )
     sampler: SamplerName = "heun"
     steps: int = Field(18, ge=1, le=1000)
     guidance_scale: float = Field(2.0, ge=0, le=50)  # experts train with condition dropout
@@ -176,5 +182,5 @@ def load_bundle(
         check_condition(config, e.card)
     g = build_gate(config.gate, path, None if gate is None else Path(gate)).to(device)
     check_gate(g, [e.card for e in loaded])
-    mixture = Mixture(loaded, g, config.top_k, config.top_p)
+    mixture = Mixture(loaded, g, config.top_k, config.top_p, config.min_weight)
     return MixtureBundle(path, config, mixture)

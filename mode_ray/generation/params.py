@@ -29,6 +29,9 @@ class GenerateParams(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=50)
     top_k: int | None = Field(None, ge=1, le=16)
     top_p: float | None = Field(None, gt=0, le=1)
+    min_weight: float | None = Field(
+        None, ge=0, lt=1, description="weight floor: chosen experts below this weight are not evaluated"
+    )
     experts: list[str] = Field(default_factory=list, description="pin routing to these experts")
     exclude_experts: list[str] = Field(default_factory=list, description="never route to these experts")
 
@@ -51,6 +54,7 @@ class ResolvedRequest:
     guidance_scale: float
     top_k: int
     top_p: float | None
+    min_weight: float | None
     label: int | None
     cond: torch.Tensor | None
     pin: tuple[str, ...]
@@ -86,6 +90,7 @@ def resolve(params: GenerateParams, config: MixtureConfig) -> ResolvedRequest:
         guidance_scale=config.guidance_scale if params.guidance_scale is None else params.guidance_scale,
         top_k=params.top_k or config.top_k,
         top_p=params.top_p if params.top_p is not None else config.top_p,
+        min_weight=params.min_weight if params.min_weight is not None else config.min_weight,
         label=label,
         cond=cond,
         pin=tuple(params.experts),

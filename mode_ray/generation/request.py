@@ -95,6 +95,7 @@ class RequestState:
             self.cond,
             top_k=self.req.top_k,
             top_p=self.req.top_p,
+            min_weight=self.req.min_weight,
             guidance_scale=self.req.guidance_scale,
             allowed=self.allowed,
         )
@@ -120,7 +121,11 @@ class RequestState:
             self.traj.advance(finish_step(plan, outputs, routing))
 
     def result(
-        self, request_id: str = "", registry_version: int | None = None, seconds: float = 0.0
+        self,
+        request_id: str = "",
+        registry_version: int | None = None,
+        seconds: float = 0.0,
+        timing: list[dict] | None = None,
     ) -> GenerationResult:
         labels = [-1 if self.req.label is None else self.req.label] * self.rows
         return GenerationResult(
@@ -132,6 +137,7 @@ class RequestState:
             request_id=request_id,
             registry_version=registry_version,
             seconds=round(seconds, 4),
+            timing=timing,
         )
 
 

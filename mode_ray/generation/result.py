@@ -50,7 +50,8 @@ class Progress:
 class GenerationResult:
     """images: (N, C, H, W) float32 in [0, 1]; labels: requested class per image (-1 = unconditional);
     trace: one StepTrace per evaluation; dropped_mass: routing weight lost to failed experts.
-    request_id, registry_version and seconds are set by the cluster ('' / None / 0 in-process)."""
+    request_id, registry_version and seconds are set by the cluster ('' / None / 0 in-process); timing, when
+    asked for, holds the served time breakdown of each evaluation's tick (ms per phase, see the engine)."""
 
     images: torch.Tensor
     labels: list[int]
@@ -60,6 +61,7 @@ class GenerationResult:
     request_id: str = ""
     registry_version: int | None = None
     seconds: float = 0.0
+    timing: list[dict] | None = None
 
     def png(self, nrow: int | None = None) -> bytes:
         return png_bytes(self.images, nrow)
@@ -83,6 +85,7 @@ class GenerationResult:
             "dropped_mass": self.dropped_mass,
             "registry_version": self.registry_version,
             "seconds": self.seconds,
+            **({} if self.timing is None else {"timing": self.timing}),
         }
 
     @classmethod
@@ -97,4 +100,5 @@ class GenerationResult:
             request_id=body.get("request_id", ""),
             registry_version=body.get("registry_version"),
             seconds=float(body.get("seconds", 0.0)),
+            timing=body.get("timing"),
         )

@@ -33,7 +33,12 @@ class Mixture(nn.Module):
     """
 
     def __init__(
-        self, experts: Sequence[Expert], gate: Gate, top_k: int = 2, top_p: float | None = None
+        self,
+        experts: Sequence[Expert],
+        gate: Gate,
+        top_k: int = 2,
+        top_p: float | None = None,
+        min_weight: float | None = None,
     ) -> None:
         super().__init__()
         validate_experts(experts)
@@ -42,7 +47,7 @@ class Mixture(nn.Module):
         self.experts = list(experts)
         self.denoisers = nn.ModuleList([e.denoiser for e in experts])
         self.gate = gate
-        self.top_k, self.top_p = top_k, top_p
+        self.top_k, self.top_p, self.min_weight = top_k, top_p, min_weight
 
     @property
     def device(self) -> torch.device:
@@ -74,10 +79,11 @@ class Mixture(nn.Module):
         *,
         top_k: int | None = None,
         top_p: float | None = None,
+        min_weight: float | None = None,
         guidance_scale: float = 1.0,
         allowed: torch.Tensor | None = None,
     ) -> StepPlan:
-        """`plan_step` on this mixture's gate; top_k / top_p default to the mixture's."""
+        """`plan_step` on this mixture's gate; top_k / top_p / min_weight default to the mixture's."""
         return plan_step(
             self.logits(x, sigma, cond),
             x,
@@ -85,6 +91,7 @@ class Mixture(nn.Module):
             cond,
             top_k=self.top_k if top_k is None else top_k,
             top_p=self.top_p if top_p is None else top_p,
+            min_weight=self.min_weight if min_weight is None else min_weight,
             guidance_scale=guidance_scale,
             allowed=allowed,
         )

@@ -81,12 +81,13 @@ def plan_step(
     *,
     top_k: int = 2,
     top_p: float | None = None,
+    min_weight: float | None = None,
     guidance_scale: float = 1.0,
     allowed: torch.Tensor | None = None,
 ) -> StepPlan:
     """Route B rows from the gate's logits (B, N); stack the null-condition rows under the conditional ones
-    (B -> 2B, sharing one routing) when guidance is on."""
-    base = route(mask_logits(logits, allowed), top_k, top_p)
+    (B -> 2B, sharing one routing) when guidance is on. min_weight: the weight floor (see weight_floor)."""
+    base = route(mask_logits(logits, allowed), top_k, top_p, min_weight)
     routing = base
     if needs_guidance(cond, guidance_scale):
         assert cond is not None

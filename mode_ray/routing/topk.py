@@ -80,9 +80,25 @@ def top_p(logits: torch.Tensor, p: float, k_max: int | None = None) -> Routing:
     return Routing(torch.where(keep, indices, torch.full_like(indices, PAD)), weights)
 
 
-def route(logits: torch.Tensor, k: int = 2, p: float | None = None) -> Routing:
-    """top_k, or top_p capped at k when p is given."""
-    return top_k(logits, k) if p is None else top_p(logits, p, k_max=k)
+def weight_floor(routing: Routing, min_weight: float) -> Routing:
+    """Drop the experts whose renormalised weight is below `min_weight` (never a row's best one) and
+    renormalise the rest, exactly as a dropped expert is: they are not evaluated. weights: (B, k)."""
+    if not 0 <= min_weight < 1:
+        raise ValueError(f"min_weight must be in [0, 1), got {min_weight}")
+    best = routing.weights.argmax(dim=1, keepdim=True)  # (B, 1)
+    keep = routing.weights >= min_weight
+    keep.scatter_(1, best, True)
+    weights = torch.where(keep, routing.weights, torch.zeros_like(routing.weights))
+    indices = torch.where(keep, routing.indices, torch.full_like(routing.indices, PAD))
+    return Routing(indices, weights / weights.sum(dim=1, keepdim=True))
+
+
+def route(
+    logits: torch.Tensor, k: int = 2, p: float | None = None, min_weight: float | None = None
+) -> Routing:
+    """top_k, or top_p capped at k when p is given; then the weight floor when min_weight is given."""
+    routing = top_k(logits, k) if p is None else top_p(logits, p, k_max=k)
+    return routing if not min_weight else weight_floor(routing, min_weight)
 
 
 def drop_experts(routing: Routing, failed: set[int]) -> tuple[Routing, torch.Tensor]:

@@ -5,7 +5,7 @@ this config, never from decorators."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -24,8 +24,22 @@ def expert_app_name(name: str) -> str:
     return f"expert-{name}"
 
 
+def expert_deployment_name(name: str) -> str:
+    """The Serve deployment inside the expert's application."""
+    return f"Expert-{name}"
+
+
 def expert_route_prefix(name: str) -> str:
     return f"/experts/{name}"
+
+
+class EmulatedLatency(BaseModel):
+    """Benchmarks only: the expert answers after base_ms + per_row_ms * rows with a cheap deterministic
+    output (mode_ray.models.emulated), modelling a GPU expert so the router's own ceiling is measured."""
+
+    model_config = ConfigDict(extra="forbid")
+    base_ms: float = Field(2.0, ge=0, le=10_000)
+    per_row_ms: float = Field(0.01, ge=0, le=1_000)
 
 
 class ExpertDeployment(BaseModel):
@@ -47,6 +61,7 @@ class ExpertDeployment(BaseModel):
     device: str | None = Field(
         None, description="'cuda' or 'cpu'; default: MODE_RAY_DEVICE, else cuda when the replica has a GPU"
     )
+    emulate: EmulatedLatency | None = Field(None, description="benchmarks: a fixed-latency stand-in expert")
     resources: dict[str, float] = Field(
         default_factory=dict,
         description="custom Ray resources per replica, e.g. {'accelerator_type:H100': 0.01}",
@@ -70,7 +85,7 @@ class ExpertDeployment(BaseModel):
         if self.initial_replicas is not None:
             autoscaling["initial_replicas"] = self.initial_replicas
         return {
-            "name": f"Expert-{name}",
+            "name": expert_deployment_name(name),
             "autoscaling_config": autoscaling,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
@@ -103,7 +118,19 @@ class RouterOptions(BaseModel):
         300.0, gt=0, description="per-request deadline unless the request sets one"
     )
     num_cpus: float = Field(1.0, ge=0, description="CPUs of the router replica (gate + combine + sampler)")
-    fp16_wire: bool = Field(False, description="send x as FP16 over gRPC (halves bytes; not bit-exact)")
+    cohorts: int = Field(
+        1,
+        ge=1,
+        le=4,
+        description="tick loops out of phase: while one cohort of requests awaits its experts, the router "
+        "prepares the next (more calls per tick, less expert idle time)",
+    )
+    fp16_wire: bool = Field(False, description="send x as FP16 to experts (halves bytes; not bit-exact)")
+    transport: Literal["grpc", "handle"] = Field(
+        "grpc",
+        description="how the router reaches experts deployed here: 'grpc' (OIP through the Serve gRPC proxy) "
+        "or 'handle' (Serve DeploymentHandle, numpy over Ray's object store); external endpoints are gRPC",
+    )
 
 
 class IngressOptions(BaseModel):

@@ -40,8 +40,13 @@ def expert_application(expert_dir: Path | str, config: ExpertDeployment) -> serv
         try:
             with SERVE_API_LOCK:
                 deployment = serve.deployment(ExpertServer).options(**config.deployment_options(card.name))
+                emulate = None if config.emulate is None else config.emulate.model_dump()
                 return deployment.bind(
-                    str(expert_dir), config.max_batch_size, config.batch_wait_timeout_s, config.device
+                    str(expert_dir),
+                    config.max_batch_size,
+                    config.batch_wait_timeout_s,
+                    config.device,
+                    emulate,
                 )
         except ValueError as e:  # Serve itself may be serialising a config in another thread of this process
             if "pickle by value" not in str(e) or attempt == 4:

@@ -32,7 +32,41 @@ from mode_ray.serve.config import RouterOptions
 from mode_ray.serve.errors import DeadlineExceeded, ExpertCallError, GenerationFailed, Overloaded
 from mode_ray.serve.metrics import RouterMetrics
 from mode_ray.serve.registry import Snapshot
-from mode_ray.serve.transport import ExpertClient
+from mode_ray.serve.transport import ExpertClient, ExpertReply
+
+PHASES = ("gate", "plan", "encode", "wire", "queue", "expert", "decode", "combine", "idle", "overhead")
+
+
+@dataclass(frozen=True)
+class TickTiming:
+    """Where one tick's wall time went, in seconds. gate / plan / combine (+ sampler step) run in the router;
+    encode and decode are summed over the tick's expert calls; wire is the longest send-to-reply of a call,
+    queue the longest wait an expert reported before its forward pass (@serve.batch, earlier passes) and
+    expert the longest forward pass an expert reported (its compute); idle is the part of the calls' wall
+    time in which the router only waited; overhead = wall - expert: what distribution costs."""
+
+    wall: float
+    gate: float
+    plan: float
+    encode: float
+    wire: float
+    queue: float
+    expert: float
+    decode: float
+    combine: float
+    idle: float
+    requests: int
+    rows: int
+    calls: int
+
+    @property
+    def overhead(self) -> float:
+        return max(0.0, self.wall - self.expert)
+
+    def to_dict(self) -> dict[str, float | int]:
+        """Milliseconds per phase, plus the tick's requests, rows and expert calls."""
+        ms = {f"{p}_ms": round(getattr(self, p) * 1e3, 3) for p in ("wall", *PHASES)}
+        return {**ms, "requests": self.requests, "rows": self.rows, "calls": self.calls}
 
 
 @dataclass
@@ -44,6 +78,8 @@ class _Active:
     future: asyncio.Future
     started: float
     on_progress: Callable[[Progress], None] | None = None
+    timing: list[dict] | None = None  # per evaluation: the tick's TickTiming.to_dict(), when asked for
+    cohort: int = 0  # which of the engine's out-of-phase tick loops steps it
 
 
 @dataclass
@@ -83,10 +119,13 @@ class StepEngine:
         self.config, self.options = config, options
         self.client_for = client_for
         self.metrics = RouterMetrics()
+        self.ticks = 0  # counters since start (benchmarks read them through Router.engine_stats)
+        self.rows_sent = 0
+        self.expert_busy_s: dict[str, float] = {}  # forward time the experts reported, per expert
         self._queue: asyncio.Queue[_Active] = asyncio.Queue()
         self._active: list[_Active] = []
-        self._wake = asyncio.Event()
-        self._loop_task: asyncio.Task | None = None
+        self._wake = [asyncio.Event() for _ in range(options.cohorts)]
+        self._loop_tasks: list[asyncio.Task | None] = [None] * options.cohorts
 
     # ---- admission -------------------------------------------------------------------------------
     def uses(self, name: str) -> int:
@@ -103,8 +142,10 @@ class StepEngine:
         snapshot: Snapshot,
         deadline_s: float | None = None,
         on_progress: Callable[[Progress], None] | None = None,
+        timing: bool = False,
     ) -> GenerationResult:
-        """Run `req` over the experts of `snapshot` (its registry version, gate and expert set)."""
+        """Run `req` over the experts of `snapshot` (its registry version, gate and expert set); with `timing`
+        the result carries the time breakdown of every tick it took part in."""
         if not snapshot.entries:
             raise GenerationFailed("no expert is registered and ready")
         active, queued = self.load
@@ -120,44 +161,63 @@ class StepEngine:
             future=asyncio.get_running_loop().create_future(),
             started=now,
             on_progress=on_progress,
+            timing=[] if timing else None,
         )
         self.metrics.registry_version.set(snapshot.version)
-        self._ensure_loop()
-        await self._queue.put(item)
-        self._wake.set()
+        self._ensure_loops()
+        self._queue.put_nowait(item)
+        self._admit()
         try:
             return await asyncio.wait_for(asyncio.shield(item.future), timeout=item.deadline - now + 5)
         except TimeoutError:
             raise DeadlineExceeded(f"request {item.id} missed its deadline") from None
 
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+    def _ensure_loops(self) -> None:
+        loop = asyncio.get_running_loop()
+        for k, task in enumerate(self._loop_tasks):
+            if task is None or task.done():
+                self._loop_tasks[k] = loop.create_task(self._run(k))
 
-    async def _run(self) -> None:
+    def _admit(self) -> None:
+        """Move queued requests into the engine (up to max_active_requests), each into the smallest cohort."""
+        while len(self._active) < self.options.max_active_requests and not self._queue.empty():
+            item = self._queue.get_nowait()
+            sizes = [0] * len(self._wake)
+            for a in self._active:
+                sizes[a.cohort] += 1
+            item.cohort = sizes.index(min(sizes))
+            self._active.append(item)
+            self._wake[item.cohort].set()
+        self.metrics.active.set(len(self._active))
+        self.metrics.queued.set(self._queue.qsize())
+
+    async def _run(self, cohort: int) -> None:
+        """The tick loop of one cohort. With several cohorts their loops tick out of phase: while one awaits
+        its experts the router gates, plans and combines for another, so experts with work never wait on the
+        router. A request's arithmetic is the same in any cohort (its rows are computed alone or stacked)."""
         while True:
-            while len(self._active) < self.options.max_active_requests and not self._queue.empty():
-                self._active.append(self._queue.get_nowait())
-            self.metrics.active.set(len(self._active))
-            self.metrics.queued.set(self._queue.qsize())
-            if not self._active:
-                self._wake.clear()
-                await self._wake.wait()
+            self._admit()
+            mine = [a for a in self._active if a.cohort == cohort and not a.future.done()]
+            if not mine:
+                self._wake[cohort].clear()
+                await self._wake[cohort].wait()
                 continue
             t0 = time.perf_counter()
             try:
-                await self.tick()
+                await self.tick(mine)
             except Exception as e:  # noqa: BLE001 - a bug in one tick must fail its requests, not hang them
-                for a in self._active:
+                for a in mine:
                     self._fail(a, GenerationFailed(f"internal error in the step engine: {e!r}"))
             self.metrics.tick_seconds.observe(time.perf_counter() - t0)
             self._active = [a for a in self._active if not a.future.done()]
 
     # ---- one tick ----------------------------------------------------------------------------------
-    async def tick(self) -> None:
+    async def tick(self, items: list[_Active]) -> TickTiming:
+        """One evaluation for every request in `items`."""
+        t0 = time.perf_counter()
         now = time.monotonic()
         live: list[_Active] = []
-        for a in self._active:
+        for a in items:
             if a.future.done():
                 continue
             if now > a.deadline:
@@ -167,8 +227,10 @@ class StepEngine:
                 )
                 continue
             live.append(a)
+        gated = self._gate_all(live)
+        t_gate = time.perf_counter()
         plans: list[tuple[_Active, StepPlan]] = []
-        for a, (x, sigma), logits in self._gate_all(live):
+        for a, (x, sigma), logits in gated:
             try:
                 plan = a.state.plan(logits, x, sigma)
             except ValueError as e:
@@ -176,18 +238,51 @@ class StepEngine:
                 continue
             plans.append((a, plan))
         calls = self._group(plans)
+        t_plan = time.perf_counter()
         results = await asyncio.gather(*(self._call_with_retry(c, self._timeout(c)) for c in calls))
+        t_calls = time.perf_counter()
         outputs: dict[str, dict[int, torch.Tensor]] = {a.id: {} for a, _ in plans}
         failed: dict[str, set[int]] = {a.id: set() for a, _ in plans}
+        replies = [r for r in results if isinstance(r, ExpertReply)]
         for call, result in zip(calls, results, strict=True):
+            if isinstance(result, ExpertReply):
+                self.expert_busy_s[call.expert] = self.expert_busy_s.get(call.expert, 0.0) + result.forward_s
             if isinstance(result, Exception):
                 for a, e in call.parts:
                     failed[a.id].add(e)
                 continue
-            for (a, e), out in zip(call.parts, result.split([x.shape[0] for x in call.x]), strict=True):
+            parts = result.x0_hat.split([x.shape[0] for x in call.x])
+            for (a, e), out in zip(call.parts, parts, strict=True):
                 outputs[a.id][e] = out
         for a, plan in plans:
             self._advance(a, plan, outputs[a.id], failed[a.id])
+        end = time.perf_counter()
+        encode, decode = sum(r.encode_s for r in replies), sum(r.decode_s for r in replies)
+        timing = TickTiming(
+            wall=end - t0,
+            gate=t_gate - t0,
+            plan=t_plan - t_gate,
+            encode=encode,
+            wire=max((r.wire_s for r in replies), default=0.0),
+            queue=max((r.queue_s for r in replies), default=0.0),
+            expert=max((r.forward_s for r in replies), default=0.0),
+            decode=decode,
+            combine=end - t_calls,
+            idle=max(0.0, (t_calls - t_plan) - encode - decode),
+            requests=len(plans),
+            rows=sum(c.rows for c in calls),
+            calls=len(calls),
+        )
+        for phase in PHASES:
+            self.metrics.tick_phase_seconds.observe(getattr(timing, phase), tags={"phase": phase})
+        self.ticks += 1
+        self.rows_sent += timing.rows
+        if any(a.timing is not None for a, _ in plans):
+            row = {"tick": self.ticks, **timing.to_dict()}
+            for a, _ in plans:
+                if a.timing is not None:
+                    a.timing.append(row)
+        return timing
 
     def _gate_all(
         self, live: list[_Active]
@@ -233,7 +328,7 @@ class StepEngine:
         remaining = min(a.deadline for a, _ in call.parts) - time.monotonic()
         return max(0.05, min(self.options.call_timeout_s, remaining))
 
-    async def _call_with_retry(self, call: _Call, timeout: float) -> torch.Tensor | Exception:
+    async def _call_with_retry(self, call: _Call, timeout: float) -> ExpertReply | Exception:
         x = torch.cat(call.x)
         sigma = torch.cat(call.sigma)
         cond = stack_cond(call.cond, [xi.shape[0] for xi in call.x])
@@ -269,7 +364,7 @@ class StepEngine:
         if a.state.done:
             seconds = time.monotonic() - a.started
             self.metrics.requests.inc(tags={"outcome": "ok"})
-            a.future.set_result(a.state.result(a.id, a.snapshot.version, seconds))
+            a.future.set_result(a.state.result(a.id, a.snapshot.version, seconds, a.timing))
 
     def _fail(self, a: _Active, error: Exception) -> None:
         if not a.future.done():

@@ -27,7 +27,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -38,6 +38,7 @@ from ray import serve
 from mode_ray import env
 from mode_ray.models.card import ExpertCard
 from mode_ray.models.checkpoint import Expert, load_card, load_expert
+from mode_ray.models.emulated import EmulatedDenoiser
 from mode_ray.proto.inference import grpc_predict_v2_pb2 as pb
 from mode_ray.serve.errors import ExpertCallError
 from mode_ray.serve.metrics import ExpertMetrics
@@ -65,6 +66,7 @@ class _Call:
     x: np.ndarray  # (B, C, H, W) float32
     sigma: np.ndarray  # (B,) float32
     cond: np.ndarray | None  # (B, D) float32
+    arrived: float = field(default_factory=time.perf_counter)  # when it was validated (perf_counter)
 
     @property
     def rows(self) -> int:
@@ -76,6 +78,17 @@ class _Result:
     x0_hat: np.ndarray  # (B, C, H, W) float32
     batch_calls: int  # calls merged into the forward pass that produced it
     batch_rows: int
+    forward_s: float = 0.0  # the merged forward pass
+    queue_s: float = 0.0  # from validation to the start of that pass (@serve.batch wait + earlier passes)
+
+    def parameters(self) -> dict[str, float | int]:
+        """What the OIP response reports of it (the router's per-tick breakdown reads forward_ms)."""
+        return {
+            "batch_calls": self.batch_calls,
+            "batch_rows": self.batch_rows,
+            "forward_ms": round(self.forward_s * 1e3, 4),
+            "queue_ms": round(self.queue_s * 1e3, 4),
+        }
 
 
 def _cpu_threads() -> int | None:
@@ -103,6 +116,7 @@ class ExpertServer:
         max_batch_size: int = 64,
         batch_wait_timeout_s: float = 0.002,
         device: str | None = None,
+        emulate: dict[str, float] | None = None,
     ) -> None:
         self._expert: Expert | None = None
         threads = _cpu_threads()
@@ -119,6 +133,8 @@ class ExpertServer:
         self.device = torch.device(device)
         started = time.perf_counter()
         self._expert = load_expert(expert_dir, device=self.device)
+        if emulate is not None:  # benchmarks: a fixed-latency stand-in with the same card
+            self._expert = Expert(self._expert.card, EmulatedDenoiser(**emulate))
         self.card: ExpertCard = self._expert.card
         self.name = self.card.name
         self._cond_dim = self.card.condition.dim
@@ -240,8 +256,18 @@ class ExpertServer:
             self.card.version,
             {OUTPUT: result.x0_hat.astype(out_dtype, copy=False)},
             request.id,
-            parameters={"batch_calls": result.batch_calls, "batch_rows": result.batch_rows},
+            parameters=result.parameters(),
         )
+
+    async def infer_arrays(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, float | int]]:
+        """The router's DeploymentHandle transport: the same inputs, validation and @serve.batch merging as
+        ModelInfer, without protobuf; numpy arrays travel through Ray's object store. Returns x0_hat (in x's
+        dtype) and the parameters ModelInfer would report. An invalid input raises ExpertCallError."""
+        call, out_dtype = self._check_inputs(inputs)
+        if call.rows == 0:
+            return np.zeros((0, *self._latent_shape), out_dtype), {}
+        result = await self._infer_batch(call)
+        return result.x0_hat.astype(out_dtype, copy=False), result.parameters()
 
     # ------------------------------------------------------------------------------------------------------
     # validation
@@ -278,6 +304,14 @@ class ExpertServer:
             inputs = decode_infer_request(request)
         except OipError as e:
             raise bad(str(e)) from None
+        return self._check_inputs(inputs)
+
+    def _check_inputs(self, inputs: dict[str, np.ndarray]) -> tuple[_Call, np.dtype]:
+        """Validate decoded inputs (from OIP or a DeploymentHandle call); the output dtype is x's."""
+
+        def bad(message: str) -> ExpertCallError:
+            return ExpertCallError(message, grpc.StatusCode.INVALID_ARGUMENT)
+
         allowed = (INPUT_X, INPUT_SIGMA, INPUT_COND) if self._cond_dim > 0 else (INPUT_X, INPUT_SIGMA)
         extra = [name for name in inputs if name not in allowed]
         if extra:
@@ -325,14 +359,19 @@ class ExpertServer:
     async def _forward_calls(self, calls: list[_Call]) -> list[_Result]:
         """@serve.batch target: concatenate the rows of all calls, one forward pass, split back."""
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         out = await loop.run_in_executor(self._executor, self._forward, calls)
+        forward_s = time.perf_counter() - started
         total = out.shape[0]
         self._metrics.answered_calls_total.inc(len(calls))
         self._metrics.rows_total.inc(total)
         self._metrics.batch_rows.observe(total)
         self._metrics.batch_calls.observe(len(calls))
         bounds = np.cumsum([c.rows for c in calls])[:-1]
-        return [_Result(part, len(calls), total) for part in np.split(out, bounds)]
+        return [
+            _Result(part, len(calls), total, forward_s, started - c.arrived)
+            for part, c in zip(np.split(out, bounds), calls, strict=True)
+        ]
 
     def _forward(self, calls: list[_Call]) -> np.ndarray:
         """Runs in the executor thread. float32 in and out, (sum of rows, C, H, W)."""

@@ -30,6 +30,9 @@ class GenerateBody(GenerateParams):
     deadline_s: float | None = Field(
         None, gt=0, le=3600, description="fail the request after this many seconds"
     )
+    timing: bool = Field(
+        False, description="output json: add the router's time breakdown of every evaluation (ms per phase)"
+    )
 
 
 def _field_errors(e: ValidationError | RequestValidationError) -> str:
@@ -126,8 +129,8 @@ class Ingress:
 
     @api.post("/v1/generate")
     async def generate_http(self, body: GenerateBody) -> Response:
-        params = body.model_dump(by_alias=True, exclude={"output", "deadline_s"}, exclude_none=True)
-        result: GenerationResult = await self._call("generate", params, body.deadline_s)
+        params = body.model_dump(by_alias=True, exclude={"output", "deadline_s", "timing"}, exclude_none=True)
+        result: GenerationResult = await self._call("generate", params, body.deadline_s, body.timing)
         if body.output == "json":
             return JSONResponse(result.to_json())
         headers = {
@@ -162,7 +165,7 @@ class Ingress:
         params: dict[str, Any] = {"num_images": request.num_images or DEFAULT_NUM_IMAGES}
         if request.prompt:
             params["prompt"] = request.prompt
-        for name in ("class_label", "seed", "guidance_scale", "top_k", "top_p"):
+        for name in ("class_label", "seed", "guidance_scale", "top_k", "top_p", "min_weight"):
             if request.HasField(name):
                 params["class" if name == "class_label" else name] = getattr(request, name)
         if request.steps:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 ROW_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 CALL_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128]
 TICK_BUCKETS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5]
+PHASE_BUCKETS = [0.0001, 0.0003, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5]
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,13 @@ METRICS: dict[str, Metric] = {
             ("expert",),
         ),
         Metric("mode_ray_tick_seconds", "Histogram", "one step-engine tick", (), tuple(TICK_BUCKETS)),
+        Metric(
+            "mode_ray_tick_phase_seconds",
+            "Histogram",
+            "one tick's time by phase: gate, plan, encode, wire, queue, expert, decode, combine, idle, overhead",
+            ("phase",),
+            tuple(PHASE_BUCKETS),
+        ),
         Metric("mode_ray_active_requests", "Gauge", "requests stepping in the engine"),
         Metric("mode_ray_queued_requests", "Gauge", "requests waiting to join the engine"),
         Metric("mode_ray_registry_version", "Gauge", "the registry version new requests are admitted with"),
@@ -106,6 +114,7 @@ class RouterMetrics:
         self.expert_calls = make("mode_ray_expert_calls_total")
         self.dropped_mass = make("mode_ray_dropped_mass_total")
         self.tick_seconds = make("mode_ray_tick_seconds")
+        self.tick_phase_seconds = make("mode_ray_tick_phase_seconds")
         self.active = make("mode_ray_active_requests")
         self.queued = make("mode_ray_queued_requests")
         self.registry_version = make("mode_ray_registry_version")

@@ -23,7 +23,7 @@ from mode_ray.routing.gates import Gate
 from mode_ray.serve.config import AppArgs, ExpertDeployment, expert_app_name
 from mode_ray.serve.engine import StepEngine
 from mode_ray.serve.registry import ExpertEntry, Registry, Snapshot
-from mode_ray.serve.transport import GrpcExpertClient
+from mode_ray.serve.transport import ExpertClient, client_for
 
 log = logging.getLogger("ray.serve")
 
@@ -62,7 +62,7 @@ class Router:
         self.gate: Gate = build_gate(
             self.config.gate, self.args.model_dir, Path(published) if published else None
         )
-        self._clients: dict[str, GrpcExpertClient] = {}
+        self._clients: dict[str, ExpertClient] = {}
         self.engine = StepEngine(self.config, self.args.router, self._client)
         self._lock = asyncio.Lock()
         self._started = asyncio.get_running_loop().create_task(self._start())
@@ -73,15 +73,14 @@ class Router:
         return self.registry.snapshot(self.gate)
 
     # ---- experts ------------------------------------------------------------------------------------
-    def _client(self, name: str) -> GrpcExpertClient:
+    def _client(self, name: str) -> ExpertClient:
         """The client of a registered expert (cached: this is on the engine's per-tick path)."""
         client = self._clients.get(name)
         if client is None:
             entry = self.registry.get(name)
             endpoint = entry.endpoint if entry else "serve"
-            client = GrpcExpertClient.for_entry(
-                name, endpoint, self.args.grpc_target, self.args.router.fp16_wire
-            )
+            options = self.args.router
+            client = client_for(name, endpoint, self.args.grpc_target, options.transport, options.fp16_wire)
             self._clients[name] = client
         return client
 
@@ -262,10 +261,12 @@ class Router:
         return {"gate": str(path), "registry_version": version}
 
     # ---- generation -----------------------------------------------------------------------------------
-    async def generate(self, params: dict, deadline_s: float | None = None) -> GenerationResult:
+    async def generate(
+        self, params: dict, deadline_s: float | None = None, timing: bool = False
+    ) -> GenerationResult:
         await asyncio.shield(self._started)
         req = resolve(GenerateParams.model_validate(params), self.config)
-        return await self.engine.generate(req, self.snapshot(), deadline_s)
+        return await self.engine.generate(req, self.snapshot(), deadline_s, timing=timing)
 
     async def generate_stream(
         self, params: dict, deadline_s: float | None = None
@@ -283,6 +284,17 @@ class Router:
             else:
                 getter.cancel()
         yield task.result()
+
+    async def engine_stats(self) -> dict:
+        """Counters of the step engine since start: ticks, rows sent to experts, each expert's reported forward
+        time (benchmarks derive ticks/s, rows/s and busy fractions from two readings)."""
+        e = self.engine
+        return {
+            "ticks": e.ticks,
+            "rows": e.rows_sent,
+            "expert_busy_s": dict(e.expert_busy_s),
+            "at": time.monotonic(),
+        }
 
     async def check_health(self) -> None:
         if self._started.done() and self._started.exception() is not None:

@@ -1,11 +1,21 @@
-"""The router's transport to experts: one small `ExpertClient` interface; gRPC (Open Inference Protocol)
-through the Serve gRPC proxy, or straight to any OIP endpoint, is the default. (The user-facing HTTP
-client of a cluster is `mode_ray.client`.)"""
+"""The router's transport to experts: one small `ExpertClient` interface, two implementations.
+
+- `GrpcExpertClient`: Open Inference Protocol `ModelInfer` over grpc.aio, through the Serve gRPC proxy
+  (metadata `application=expert-<name>`) or straight to any OIP endpoint (Triton, KServe, standalone).
+- `HandleExpertClient`: a Serve `DeploymentHandle` call of the expert's `infer_arrays` (Ray actor RPC, numpy
+  payloads through the object store, no proxy hop, no protobuf). Only for experts deployed on this cluster.
+
+Every reply carries the time split the router's per-tick breakdown needs (`ExpertReply`). (The user-facing
+HTTP client of a cluster is `mode_ray.client`.)
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import grpc
 import numpy as np
@@ -13,12 +23,26 @@ import torch
 
 from mode_ray.proto.inference import grpc_predict_v2_pb2 as pb
 from mode_ray.proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from mode_ray.serve.config import expert_app_name
+from mode_ray.serve.config import expert_app_name, expert_deployment_name
 from mode_ray.serve.errors import ExpertCallError
-from mode_ray.serve.oip import decode_infer_response, encode_infer_request
+from mode_ray.serve.oip import decode_infer_response, decode_parameters, encode_infer_request
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _CHANNELS: dict[str, grpc.aio.Channel] = {}
+Transport = Literal["grpc", "handle"]
+
+
+@dataclass(frozen=True)
+class ExpertReply:
+    """x0_hat: (R, C, H, W) float32, and where the call's time went (seconds): encode and decode in the
+    router, wire from send to reply, forward / queue as the expert reported them (0 when it does not)."""
+
+    x0_hat: torch.Tensor
+    encode_s: float = 0.0
+    wire_s: float = 0.0
+    decode_s: float = 0.0
+    forward_s: float = 0.0
+    queue_s: float = 0.0
 
 
 class ExpertClient(Protocol):
@@ -26,8 +50,8 @@ class ExpertClient(Protocol):
 
     async def infer(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None, timeout: float
-    ) -> torch.Tensor:
-        """x: (R, C, H, W), sigma: (R,), cond: (R, D) or None -> x0_hat: (R, C, H, W) float32."""
+    ) -> ExpertReply:
+        """x: (R, C, H, W), sigma: (R,), cond: (R, D) or None -> the expert's x0_hat and timings."""
         ...
 
     async def ready(self, timeout: float) -> bool: ...
@@ -46,6 +70,28 @@ def channel(target: str) -> grpc.aio.Channel:
     return _CHANNELS[target]
 
 
+def wire_inputs(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None, fp16: bool) -> dict:
+    """The model inputs as numpy: x FP32 (or FP16 on the wire), sigma and cond FP32."""
+    inputs = {
+        "x": x.detach().cpu().numpy().astype(np.float16 if fp16 else np.float32, copy=False),
+        "sigma": sigma.detach().cpu().numpy().astype(np.float32, copy=False),
+    }
+    if cond is not None:
+        inputs["cond"] = cond.detach().cpu().numpy().astype(np.float32, copy=False)
+    return inputs
+
+
+def _x0_hat(name: str, out: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    if out.shape != tuple(x.shape):
+        raise ExpertCallError(f"expert {name!r} returned shape {list(out.shape)}, expected {list(x.shape)}")
+    return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
+
+def _ms(params: dict[str, Any], key: str) -> float:
+    value = params.get(key, 0.0)
+    return float(value) / 1e3 if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
 class GrpcExpertClient:
     """OIP `ModelInfer` over grpc.aio. With `application` set, the call goes through the Serve gRPC proxy
     (metadata `application=expert-<name>`); without it, to a plain OIP server at `target`."""
@@ -55,37 +101,31 @@ class GrpcExpertClient:
         self._stub = pb_grpc.GRPCInferenceServiceStub(channel(target))
         self._metadata = (("application", application),) if application else ()
 
-    @classmethod
-    def for_entry(cls, name: str, endpoint: str, proxy_target: str, fp16: bool = False) -> GrpcExpertClient:
-        if endpoint == "serve":
-            return cls(name, proxy_target, expert_app_name(name), fp16)
-        return cls(name, endpoint, None, fp16)
-
     async def infer(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None, timeout: float
-    ) -> torch.Tensor:
-        inputs = {
-            "x": x.detach().cpu().numpy().astype(np.float16 if self.fp16 else np.float32),
-            "sigma": sigma.detach().cpu().float().numpy(),
-        }
-        if cond is not None:
-            inputs["cond"] = cond.detach().cpu().float().numpy()
+    ) -> ExpertReply:
+        t0 = time.perf_counter()
         request = encode_infer_request(
-            self.name, inputs, request_id=uuid.uuid4().hex[:16], outputs=["x0_hat"]
+            self.name,
+            wire_inputs(x, sigma, cond, self.fp16),
+            request_id=uuid.uuid4().hex[:16],
+            outputs=["x0_hat"],
         )
+        t1 = time.perf_counter()
         try:
             reply = await self._stub.ModelInfer(request, metadata=self._metadata, timeout=timeout)
         except grpc.aio.AioRpcError as e:
             raise ExpertCallError(f"expert {self.name!r}: {e.code().name}: {e.details()}", e.code()) from None
+        t2 = time.perf_counter()
         try:
             out = decode_infer_response(reply)["x0_hat"]
+            params = decode_parameters(reply.parameters)
         except (KeyError, ValueError) as e:
             raise ExpertCallError(f"expert {self.name!r} replied without a valid x0_hat: {e}") from None
-        if out.shape != tuple(x.shape):
-            raise ExpertCallError(
-                f"expert {self.name!r} returned shape {list(out.shape)}, expected {list(x.shape)}"
-            )
-        return torch.from_numpy(out).float()
+        x0 = _x0_hat(self.name, out, x)
+        return ExpertReply(
+            x0, t1 - t0, t2 - t1, time.perf_counter() - t2, _ms(params, "forward_ms"), _ms(params, "queue_ms")
+        )
 
     async def ready(self, timeout: float = 5.0) -> bool:
         try:
@@ -95,3 +135,69 @@ class GrpcExpertClient:
         except grpc.aio.AioRpcError:
             return False
         return bool(reply.ready)
+
+
+class HandleExpertClient:
+    """`ExpertServer.infer_arrays` through a Serve DeploymentHandle (Ray actor RPC; Serve balances calls over
+    the expert's replicas by their queue length). Readiness is asked over OIP through the proxy, which every
+    expert keeps answering."""
+
+    def __init__(self, name: str, proxy_target: str, fp16: bool = False) -> None:
+        self.name, self.fp16 = name, fp16
+        self._oip = GrpcExpertClient(name, proxy_target, expert_app_name(name), fp16)
+        self._handle: Any = None
+
+    def _get_handle(self) -> Any:
+        if self._handle is None:
+            from ray import serve
+
+            self._handle = serve.get_deployment_handle(
+                expert_deployment_name(self.name), expert_app_name(self.name)
+            )
+        return self._handle
+
+    async def infer(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None, timeout: float
+    ) -> ExpertReply:
+        t0 = time.perf_counter()
+        inputs = wire_inputs(x, sigma, cond, self.fp16)
+        t1 = time.perf_counter()
+        try:
+            response = self._get_handle().infer_arrays.remote(inputs)
+            try:
+                out, params = await asyncio.wait_for(asyncio.shield(response), timeout)
+            except TimeoutError:
+                response.cancel()
+                raise ExpertCallError(
+                    f"expert {self.name!r}: DEADLINE_EXCEEDED after {timeout:.2f}s",
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ) from None
+        except ExpertCallError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a dead replica, a rejected input, Serve's own errors
+            cause = getattr(e, "cause", None)
+            code = cause.code if isinstance(cause, ExpertCallError) else grpc.StatusCode.UNAVAILABLE
+            detail = str(cause or e).strip().splitlines()
+            raise ExpertCallError(
+                f"expert {self.name!r}: {code.name}: {detail[-1] if detail else type(e).__name__}", code
+            ) from None
+        t2 = time.perf_counter()
+        x0 = _x0_hat(self.name, out, x)
+        return ExpertReply(
+            x0, t1 - t0, t2 - t1, time.perf_counter() - t2, _ms(params, "forward_ms"), _ms(params, "queue_ms")
+        )
+
+    async def ready(self, timeout: float = 5.0) -> bool:
+        return await self._oip.ready(timeout)
+
+
+def client_for(
+    name: str, endpoint: str, proxy_target: str, transport: Transport = "grpc", fp16: bool = False
+) -> ExpertClient:
+    """The client of a registered expert: `endpoint` 'serve' (deployed here) uses `transport`; an external
+    OIP endpoint (host:port) is always called over gRPC."""
+    if endpoint != "serve":
+        return GrpcExpertClient(name, endpoint, None, fp16)
+    if transport == "handle":
+        return HandleExpertClient(name, proxy_target, fp16)
+    return GrpcExpertClient(name, proxy_target, expert_app_name(name), fp16)

@@ -38,6 +38,10 @@ class EvalResult:
     steps: int
     guidance_scale: float
     top_k: int
+    min_weight: float | None = None
+    expert_rows_per_image: float = (
+        0.0  # expert forward rows per image: every chosen expert, both guidance branches
+    )
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -85,13 +89,14 @@ def evaluate(
     top_k: int | None = None,
     seed: int = 0,
     batch: int = 100,
+    min_weight: float | None = None,
 ) -> tuple[EvalResult, torch.Tensor, torch.Tensor]:
     """Returns the result, the generated images (N, C, H, W) in [0, 1] and their requested labels (N,)."""
     if bundle.encoder is None:
         raise ValueError(f"eval needs a class-conditional mixture; {bundle.config.name!r} is unconditional")
     classes = bundle.encoder.dim
     per_class = max(1, num_samples // classes)
-    images, labels, seconds = [], [], 0.0
+    images, labels, seconds, expert_rows = [], [], 0.0, 0
     for c in range(classes):
         for start in range(0, per_class, batch):
             n = min(batch, per_class - start)
@@ -103,10 +108,16 @@ def evaluate(
                 seed=seed * 7919 + c * 104729 + start,
                 guidance_scale=guidance_scale,
                 top_k=top_k,
+                min_weight=min_weight,
             )
             t0 = time.perf_counter()
             gen = generate_local(bundle.mixture, bundle.config, params)
             seconds += time.perf_counter() - t0
+            scale = bundle.config.guidance_scale if guidance_scale is None else guidance_scale
+            branches = (
+                1 if scale == 1.0 else 2
+            )  # the guided null-condition rows run beside the conditional ones
+            expert_rows += branches * sum(len(row) for t in gen.trace for row in t.experts)
             images.append(gen.images)
             labels += [c] * n
     x = torch.cat(images)  # (N, C, H, W) in [0, 1]
@@ -131,6 +142,8 @@ def evaluate(
         steps=steps or bundle.config.steps,
         guidance_scale=bundle.config.guidance_scale if guidance_scale is None else guidance_scale,
         top_k=min(k, len(sizes)),
+        min_weight=bundle.config.min_weight if min_weight is None else min_weight,
+        expert_rows_per_image=round(expert_rows / len(x), 2),
     )
     return result, x, y
 
@@ -145,6 +158,7 @@ def markdown_table(results: list[EvalResult]) -> str:
         "accuracy",
         "classifier-FID",
         "s/image",
+        "expert rows/image",
         *[f"loss σ∈{b}" for b in buckets],
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -157,6 +171,7 @@ def markdown_table(results: list[EvalResult]) -> str:
             f"{100 * r.accuracy:.1f}%",
             f"{r.fid:.2f}",
             f"{r.seconds_per_image:.3f}",
+            f"{r.expert_rows_per_image:.1f}",
             *[f"{r.loss_by_sigma[b]:.4f}" for b in buckets],
         ]
         lines.append("| " + " | ".join(row) + " |")

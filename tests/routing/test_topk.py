@@ -57,3 +57,22 @@ def test_drop_experts_renormalises_and_reports_the_mass() -> None:
     assert (new.indices[0] == 0).sum() == 0
     with pytest.raises(RuntimeError, match="every chosen expert failed"):
         drop_experts(top_k(torch.tensor([[2.0, 1.0, 0.0]]), 1), {0})
+
+
+def test_the_weight_floor_drops_light_experts_and_renormalises_like_a_drop() -> None:
+    from mode_ray.routing.topk import route, weight_floor
+
+    logits = torch.tensor([[4.0, 0.0, -1.0], [0.2, 0.1, 0.0], [-9.0, 3.0, 3.0]])
+    full = route(logits, 3)
+    floored = weight_floor(full, 0.05)
+    # row 0: 0.98 / 0.018 / 0.0066 -> only the first is kept, with weight 1
+    assert floored.indices[0].tolist() == [0, -1, -1] and floored.weights[0].tolist() == [1.0, 0.0, 0.0]
+    torch.testing.assert_close(floored.weights[1], full.weights[1])  # nothing below the floor: unchanged
+    assert (floored.weights.sum(1) - 1).abs().max() < 1e-6
+    same, _ = drop_experts(full, {1, 2})  # the same as dropping those experts, for row 0
+    torch.testing.assert_close(floored.weights[0], same.weights[0])
+    top = weight_floor(route(torch.tensor([[0.0, 0.0]]), 2), 0.9)  # a floor above every weight keeps the best
+    assert top.indices.tolist() == [[0, -1]] and top.weights.tolist() == [[1.0, 0.0]]
+    assert route(logits, 3, min_weight=0.05).indices.tolist() == floored.indices.tolist()
+    with pytest.raises(ValueError, match=r"min_weight must be in \[0, 1\)"):
+        weight_floor(full, 1.0)

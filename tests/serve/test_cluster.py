@@ -82,6 +82,7 @@ def test_cluster_equals_the_in_process_mixture_under_continuous_batching(cluster
         {"prompt": "seven", "num_images": 3, "seed": 2, "top_k": 2, "sampler": "dpmpp_2m", "steps": 5},
         {"num_images": 1, "seed": 3, "top_k": 2},
         {"prompt": 5, "num_images": 2, "seed": 4, "top_k": 2, "guidance_scale": 1.0},
+        {"prompt": 8, "num_images": 2, "seed": 6, "top_k": 2, "min_weight": 0.3},
     ]
     with ThreadPoolExecutor(len(requests)) as pool:  # concurrent: their rows share expert calls
         responses = list(pool.map(lambda b: post(sc.http_url, {**b, "output": "json"}), requests))
@@ -90,7 +91,16 @@ def test_cluster_equals_the_in_process_mixture_under_continuous_batching(cluster
         expected = generate_local(bundle.mixture, bundle.config, GenerateParams(**body)).images
         assert (images_of(response) - expected).abs().max() <= 1e-5
         trace = response.json()["trace"]
-        assert all(len(row) == body["top_k"] for step in trace for row in step["experts"])
+        rows = [
+            (names, weights)
+            for step in trace
+            for names, weights in zip(step["experts"], step["weights"], strict=True)
+        ]
+        if "min_weight" in body:  # the floor evaluates only experts with at least that weight
+            assert all(min(w) >= body["min_weight"] and len(n) <= 2 for n, w in rows)
+            assert any(len(n) == 1 for n, _ in rows)
+        else:
+            assert all(len(n) == body["top_k"] for n, _ in rows)
 
 
 def test_http_png_and_field_errors(cluster) -> None:  # noqa: ANN001
@@ -134,11 +144,15 @@ def test_grpc_generate_stream_and_list(cluster) -> None:  # noqa: ANN001
             )
         ]
         listing = await stub.ListExperts(gen.ListExpertsRequest(), metadata=md)
+        floored = await stub.Generate(
+            gen.GenerateRequest(prompt="4", num_images=1, seed=5, min_weight=0.99, output="raw"), metadata=md
+        )
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Generate(gen.GenerateRequest(prompt="4", num_images=2, top_p=3.0), metadata=md)
-        return raw, png, progress, listing, err.value
+        return raw, png, progress, listing, err.value, floored
 
-    raw, png, progress, listing, err = grpc_call(sc.grpc_target, calls)
+    raw, png, progress, listing, err, floored = grpc_call(sc.grpc_target, calls)
+    assert all(len(row.experts) == 1 for step in floored.trace for row in step.rows)  # min_weight over gRPC
     bundle = load_bundle(model)
     expected = generate_local(
         bundle.mixture, bundle.config, GenerateParams(prompt="4", num_images=2, seed=5)
@@ -426,3 +440,61 @@ def test_registry_is_restored_after_the_router_restarts(cluster) -> None:  # noq
     after = httpx.get(f"{sc.http_url}/v1/experts").json()
     assert [e["name"] for e in after["experts"]] == [e["name"] for e in before["experts"]]
     assert after["registry_version"] >= before["registry_version"]
+
+
+def test_the_handle_transport_is_exact_fails_no_request_and_reports_its_time(cluster) -> None:  # noqa: ANN001
+    """The router redeployed with transport 'handle' (Serve DeploymentHandle, numpy over Ray's object store):
+    the same images as in-process, the same fault handling, and the per-tick breakdown in the reply."""
+    import ray
+    from ray import serve
+
+    from mode_ray.serve.app import build_app
+
+    sc, model = cluster
+    args = AppArgs(
+        model_dir=model,
+        state_dir=model / "state",
+        grpc_target=sc.grpc_target,
+        expert={"num_cpus": 0.1, "max_replicas": 1, "batch_wait_timeout_s": 0.001},
+        router={"num_cpus": 0.1, "call_timeout_s": 3.0, "transport": "handle"},
+    )
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")  # the expert apps keep running
+    try:
+        bundle = load_bundle(model)
+        requests = [
+            {"prompt": 2, "num_images": 2, "seed": 1, "top_k": 1, "timing": True},
+            {"num_images": 1, "seed": 3, "top_k": 2, "sampler": "dpmpp_2m", "steps": 5},
+        ]
+        with ThreadPoolExecutor(len(requests)) as pool:
+            responses = list(pool.map(lambda b: post(sc.http_url, {**b, "output": "json"}), requests))
+        for body, response in zip(requests, responses, strict=True):
+            assert response.status_code == 200, response.text
+            params = GenerateParams(**{k: v for k, v in body.items() if k != "timing"})
+            expected = generate_local(bundle.mixture, bundle.config, params).images
+            assert (images_of(response) - expected).abs().max() <= 1e-5
+        timing = responses[0].json()["timing"]
+        assert len(timing) == len(responses[0].json()["trace"])  # one breakdown per evaluation
+        assert all(t["expert_ms"] > 0 and t["calls"] >= 1 and t["rows"] >= 2 for t in timing)
+        assert all(t["wall_ms"] >= t["gate_ms"] + t["plan_ms"] + t["combine_ms"] for t in timing)
+        assert "timing" not in responses[1].json()
+
+        first, out = threading.Event(), {}
+        request = gen.GenerateRequest(
+            prompt="5", num_images=1, seed=3, steps=40, experts=["a", "b"], output="raw", deadline_s=150
+        )
+        thread = stream_in_thread(sc.grpc_target, request, first, out)
+        assert first.wait(120) and "error" not in out, out.get("error")
+        ray.kill(replica_actors("expert-b")[0], no_restart=False)
+        thread.join(170)
+        assert "error" not in out, out.get("error")
+        rows = [row for step in out["result"].trace for row in step.rows]
+        assert len(out["result"].trace) == 79 and all(abs(sum(r.weights) - 1) < 1e-5 for r in rows)
+        assert all(list(r.experts) == ["a"] for r in rows if r.dropped_mass > 0)
+    finally:
+        serve.run(
+            build_app(
+                args.model_copy(update={"router": args.router.model_copy(update={"transport": "grpc"})})
+            ),
+            name=APP_NAME,
+            route_prefix="/",
+        )

@@ -15,6 +15,7 @@ from mode_ray.serve.config import RouterOptions
 from mode_ray.serve.engine import StepEngine
 from mode_ray.serve.errors import DeadlineExceeded, ExpertCallError, GenerationFailed, Overloaded
 from mode_ray.serve.registry import ExpertEntry, Snapshot
+from mode_ray.serve.transport import ExpertReply
 from tests.routing.helpers import GaussianDenoiser, card
 
 
@@ -33,7 +34,7 @@ class LocalClient:
         if self.fail_next:
             self.fail_next -= 1
             raise ExpertCallError(f"expert {self.name!r}: UNAVAILABLE: injected")
-        return self.expert.denoiser(x, sigma, cond)
+        return ExpertReply(self.expert.denoiser(x, sigma, cond))
 
     async def ready(self, timeout: float) -> bool:
         return True
@@ -182,3 +183,19 @@ def test_requests_keep_the_gate_of_their_snapshot() -> None:
     torch.testing.assert_close(new.images, generate_local(soft, CONFIG, p).images, rtol=0, atol=1e-6)
     assert (old.registry_version, new.registry_version) == (1, 2)
     assert old.trace[0].weights != new.trace[0].weights
+
+
+def test_two_cohorts_tick_apart_and_give_the_same_images() -> None:
+    """Requests are admitted into the smaller cohort in turn (0, 1, 0, 1); each cohort batches only its own
+    rows, and a request's images do not depend on its cohort."""
+    engine, snapshot, clients, mixture = setup(RouterOptions(cohorts=2))
+
+    async def run():  # noqa: ANN202
+        return await asyncio.gather(*(engine.generate(resolve(p, CONFIG), snapshot) for p in PARAMS))
+
+    results = asyncio.run(run())
+    for p, r in zip(PARAMS, results, strict=True):
+        torch.testing.assert_close(r.images, reference(mixture, p), rtol=0, atol=1e-6)
+    traces = [r.trace for r in results]
+    calls = sum(expected_calls(PARAMS[k::2], traces[k::2], continuous=True)[0] for k in (0, 1))
+    assert sum(c.calls for c in clients.values()) == calls

@@ -28,8 +28,8 @@ def test_fp32_is_exact_and_fp16_wire_sends_half_precision(tmp_path) -> None:  # 
         server, port = await serve_expert(str(path), port=0)
         try:
             target = f"127.0.0.1:{port}"
-            fp32 = await GrpcExpertClient("t", target, None).infer(x, sigma, cond, 30)
-            fp16 = await GrpcExpertClient("t", target, None, fp16=True).infer(x, sigma, cond, 30)
+            fp32 = (await GrpcExpertClient("t", target, None).infer(x, sigma, cond, 30)).x0_hat
+            fp16 = (await GrpcExpertClient("t", target, None, fp16=True).infer(x, sigma, cond, 30)).x0_hat
             with pytest.raises(ExpertCallError, match="NOT_FOUND") as err:
                 await GrpcExpertClient("other", target, None).infer(x, sigma, cond, 30)
             ready = await GrpcExpertClient("t", target, None).ready(5)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "class_label", "num_images", "steps", "sampler", "seed", "guidance_scale", "top_k", "top_p", "experts", "exclude_experts", "output", "deadline_s")
+    __slots__ = ("prompt", "class_label", "num_images", "steps", "sampler", "seed", "guidance_scale", "top_k", "top_p", "min_weight", "experts", "exclude_experts", "output", "deadline_s")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CLASS_LABEL_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class GenerateRequest(_message.Message):
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
+    MIN_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -31,11 +32,12 @@ class GenerateRequest(_message.Message):
     guidance_scale: float
     top_k: int
     top_p: float
+    min_weight: float
     experts: _containers.RepeatedScalarFieldContainer[str]
     exclude_experts: _containers.RepeatedScalarFieldContainer[str]
     output: str
     deadline_s: float
-    def __init__(self, prompt: _Optional[str] = ..., class_label: _Optional[int] = ..., num_images: _Optional[int] = ..., steps: _Optional[int] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., experts: _Optional[_Iterable[str]] = ..., exclude_experts: _Optional[_Iterable[str]] = ..., output: _Optional[str] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, prompt: _Optional[str] = ..., class_label: _Optional[int] = ..., num_images: _Optional[int] = ..., steps: _Optional[int] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_weight: _Optional[float] = ..., experts: _Optional[_Iterable[str]] = ..., exclude_experts: _Optional[_Iterable[str]] = ..., output: _Optional[str] = ..., deadline_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("png", "images", "shape", "labels", "trace", "request_id", "seconds", "seed", "dropped_mass", "registry_version")

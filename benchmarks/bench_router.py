@@ -144,6 +144,12 @@ def main() -> None:
                             "overhead_p50_ms": round(statistics.median(t["overhead_ms"] for t in unique), 3),
                             "tick_wall_p50_ms": round(statistics.median(t["wall_ms"] for t in unique), 3),
                             "expert_p50_ms": round(statistics.median(t["expert_ms"] for t in unique), 3),
+                            **{
+                                f"{phase}_p50_ms": round(
+                                    statistics.median(t[f"{phase}_ms"] for t in unique), 3
+                                )
+                                for phase in ("gate", "plan", "wire", "combine")
+                            },
                         }
                     )
                     print(rows[-1], flush=True)

@@ -57,7 +57,12 @@ class ExpertDeployment(BaseModel):
     max_ongoing_requests: int = Field(64, ge=1, description=">= max_batch_size, or Serve never fills a batch")
     max_queued_requests: int = Field(256, ge=-1, description="-1: unbounded")
     max_batch_size: int = Field(64, ge=1, description="@serve.batch: calls merged into one forward pass")
-    batch_wait_timeout_s: float = Field(0.002, ge=0)
+    batch_wait_timeout_s: float = Field(
+        0.0,
+        ge=0,
+        description="@serve.batch wait for more calls; 0: the router already merges each tick into one call "
+        "per expert, and calls that arrive during a forward pass are still merged into the next",
+    )
     device: str | None = Field(
         None, description="'cuda' or 'cpu'; default: MODE_RAY_DEVICE, else cuda when the replica has a GPU"
     )
@@ -127,7 +132,7 @@ class RouterOptions(BaseModel):
     )
     fp16_wire: bool = Field(False, description="send x as FP16 to experts (halves bytes; not bit-exact)")
     transport: Literal["grpc", "handle"] = Field(
-        "grpc",
+        "handle",
         description="how the router reaches experts deployed here: 'grpc' (OIP through the Serve gRPC proxy) "
         "or 'handle' (Serve DeploymentHandle, numpy over Ray's object store); external endpoints are gRPC",
     )

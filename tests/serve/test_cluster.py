@@ -442,9 +442,10 @@ def test_registry_is_restored_after_the_router_restarts(cluster) -> None:  # noq
     assert after["registry_version"] >= before["registry_version"]
 
 
-def test_the_handle_transport_is_exact_fails_no_request_and_reports_its_time(cluster) -> None:  # noqa: ANN001
-    """The router redeployed with transport 'handle' (Serve DeploymentHandle, numpy over Ray's object store):
-    the same images as in-process, the same fault handling, and the per-tick breakdown in the reply."""
+def test_the_grpc_transport_is_exact_fails_no_request_and_reports_its_time(cluster) -> None:  # noqa: ANN001
+    """The router redeployed with transport 'grpc' (OIP through the Serve gRPC proxy; the module's cluster
+    uses the default, 'handle'): the same images as in-process, the same fault handling, and the per-tick
+    breakdown in the reply."""
     import ray
     from ray import serve
 
@@ -456,7 +457,7 @@ def test_the_handle_transport_is_exact_fails_no_request_and_reports_its_time(clu
         state_dir=model / "state",
         grpc_target=sc.grpc_target,
         expert={"num_cpus": 0.1, "max_replicas": 1, "batch_wait_timeout_s": 0.001},
-        router={"num_cpus": 0.1, "call_timeout_s": 3.0, "transport": "handle"},
+        router={"num_cpus": 0.1, "call_timeout_s": 3.0, "transport": "grpc"},
     )
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")  # the expert apps keep running
     try:
@@ -493,7 +494,7 @@ def test_the_handle_transport_is_exact_fails_no_request_and_reports_its_time(clu
     finally:
         serve.run(
             build_app(
-                args.model_copy(update={"router": args.router.model_copy(update={"transport": "grpc"})})
+                args.model_copy(update={"router": args.router.model_copy(update={"transport": "handle"})})
             ),
             name=APP_NAME,
             route_prefix="/",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from mode_ray.generation.batch import advance_batch, plan_batch, stack_queries
 from mode_ray.generation.bundle import MixtureConfig
 from mode_ray.generation.params import GenerateParams
 from mode_ray.generation.request import prepare
@@ -14,10 +15,12 @@ from mode_ray.routing.mixture import Mixture
 
 @torch.no_grad()
 def generate_local(mixture: Mixture, config: MixtureConfig, params: GenerateParams) -> GenerationResult:
-    """Sample with the in-process mixture; the same seed gives identical images."""
+    """Sample with the in-process mixture (a batch of one request); the same seed gives identical images."""
     state = prepare(params, config, mixture.cards, mixture.device)
     while not state.done:
-        x, sigma = state.query()
-        plan = state.plan(mixture.logits(x, sigma, state.cond), x, sigma)
-        state.advance(plan, mixture.outputs(plan))
+        q = stack_queries([state])
+        plan = plan_batch([state], q, mixture.logits(q.x, q.sigma, q.cond))
+        if plan.failed:
+            raise ValueError(plan.failed[0])
+        advance_batch([state], plan, mixture.outputs(plan))
     return state.result()

@@ -1,12 +1,13 @@
-"""Where a request becomes a trajectory: `prepare` turns validated parameters into a `RequestState`, which
-both loops drive the same way, the in-process `generate_local` and the router's step engine:
+"""Where a request becomes a trajectory: `prepare` turns validated parameters into a `RequestState` (the
+resumable sampler trajectory, the allowed-expert mask, the trace, the dropped mass). Both loops, the in-process
+`generate_local` and the router's step engine, step it the same way, through `mode_ray.generation.batch`:
 
     state = prepare(params, config, cards)
     while not state.done:
-        x, sigma = state.query()                       # (B, C, H, W), (B,)
-        plan = state.plan(gate(x, sigma, state.cond, cards), x, sigma)
-        outputs = {e: expert_e(plan rows of e) ...}     # in-process modules or gRPC calls
-        state.advance(plan, outputs, failed)           # renormalise, trace, sampler step
+        queries = stack_queries([state, ...])                    # x (R, C, H, W), sigma (R,), cond (R, D)
+        plan = plan_batch(states, queries, gate(queries.x, queries.sigma, queries.cond, cards))
+        outputs = {e: expert_e(plan rows of e) ...}             # in-process modules or remote calls
+        advance_batch(states, plan, outputs, failed)            # renormalise, combine, guide, trace, step
     result = state.result()
 
 so the in-process and the served paths cannot drift apart.
@@ -14,7 +15,7 @@ so the in-process and the served paths cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,8 +25,7 @@ from mode_ray.generation.bundle import MixtureConfig
 from mode_ray.generation.params import GenerateParams, ResolvedRequest, resolve
 from mode_ray.generation.result import GenerationResult, StepTrace
 from mode_ray.models.card import ExpertCard
-from mode_ray.routing.step import StepPlan, allowed_mask, finish_step, plan_step
-from mode_ray.routing.topk import Routing, drop_experts
+from mode_ray.routing.step import allowed_mask
 
 
 def initial_noise(seed: int, num: int, shape: tuple[int, int, int], sigma_max: float) -> torch.Tensor:
@@ -40,17 +40,22 @@ def to_images(x: torch.Tensor) -> torch.Tensor:
 
 
 def trace_step(
-    step: int, sigma: float, routing: Routing, names: Sequence[str], dropped: torch.Tensor | None = None
+    step: int,
+    sigma: float,
+    indices: Sequence[Sequence[int]],
+    weights: Sequence[Sequence[float]],
+    names: Sequence[str],
+    dropped: Sequence[float] | None = None,
 ) -> StepTrace:
-    """The routing of one evaluation (B rows) by expert name; dropped: (B,) mass lost to failed experts."""
-    experts, weights = [], []
-    for idx_row, w_row in zip(routing.indices.tolist(), routing.weights.tolist(), strict=True):
+    """The routing of one evaluation (B rows) by expert name. indices / weights: (B, k) as lists (PAD < 0);
+    dropped: (B,) mass lost to failed experts."""
+    experts, kept_weights = [], []
+    for idx_row, w_row in zip(indices, weights, strict=True):
         kept = [(names[i], round(w, 6)) for i, w in zip(idx_row, w_row, strict=True) if i >= 0 and w > 0]
         experts.append([n for n, _ in kept])
-        weights.append([w for _, w in kept])
-    b = routing.indices.shape[0]
-    drop = [0.0] * b if dropped is None else [round(float(d), 6) for d in dropped[:b]]
-    return StepTrace(step, round(sigma, 6), experts, weights, drop)
+        kept_weights.append([w for _, w in kept])
+    drop = [0.0] * len(experts) if dropped is None else [round(float(d), 6) for d in dropped]
+    return StepTrace(step, round(sigma, 6), experts, kept_weights, drop)
 
 
 @dataclass
@@ -85,40 +90,6 @@ class RequestState:
     def query(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next evaluation point: x (B, C, H, W) and sigma (B,)."""
         return self.traj.query()
-
-    def plan(self, logits: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> StepPlan:
-        """Route the query's rows from the gate's logits (B, N) with this request's settings."""
-        return plan_step(
-            logits,
-            x,
-            sigma,
-            self.cond,
-            top_k=self.req.top_k,
-            top_p=self.req.top_p,
-            min_weight=self.req.min_weight,
-            guidance_scale=self.req.guidance_scale,
-            allowed=self.allowed,
-        )
-
-    def advance(
-        self,
-        plan: StepPlan,
-        outputs: Mapping[int, torch.Tensor],
-        failed: set[int] | frozenset[int] = frozenset(),
-    ) -> None:
-        """Combine the chosen experts' outputs[e]: (R_e, C, H, W) and take the sampler step.
-
-        Experts in `failed` are dropped and the remaining weights renormalised (their mass is traced);
-        NoExpertLeft when a row loses every chosen expert.
-        """
-        routing, dropped = plan.routing, None
-        if failed:
-            routing, dropped = drop_experts(plan.routing, set(failed))
-            self.dropped += float(dropped[: self.rows].sum())
-        sigma = float(plan.sigma[0])
-        self.trace.append(trace_step(self.evals, sigma, routing.first(self.rows), self.names, dropped))
-        with torch.no_grad():
-            self.traj.advance(finish_step(plan, outputs, routing))
 
     def result(
         self,

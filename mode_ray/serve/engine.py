@@ -1,8 +1,8 @@
 """The router's step engine: continuous batching of denoising steps across requests, per expert.
 
-Every tick, for every active request: gate -> top-k (`RequestState.plan`) -> group the rows of all requests
-by expert -> one batched call per expert, all in flight at once -> `RequestState.advance` (the same
-combine and sampler step as the in-process `generate_local`). Finished requests leave; queued ones join the
+Every tick, for all active requests at once (`mode_ray.generation.batch`, the same step the in-process
+`generate_local` takes with a batch of one): one gate call -> one batch plan (top-k, guidance rows) -> one
+call per chosen expert, all in flight at once -> one combine and every request's sampler step. Finished requests leave; queued ones join the
 next tick. A failed or late expert call is retried once; then the expert is dropped for that step and the
 other weights renormalised (the dropped mass goes into the trace); a request fails only when a row loses
 every chosen expert, or when its deadline passes.
@@ -26,8 +26,7 @@ from mode_ray.generation import (
     ResolvedRequest,
     prepare,
 )
-from mode_ray.routing.step import StepPlan
-from mode_ray.routing.topk import NoExpertLeft
+from mode_ray.generation.batch import BatchPlan, advance_batch, plan_batch, stack_queries
 from mode_ray.serve.config import RouterOptions
 from mode_ray.serve.errors import DeadlineExceeded, ExpertCallError, GenerationFailed, Overloaded
 from mode_ray.serve.metrics import RouterMetrics
@@ -84,32 +83,14 @@ class _Active:
 
 @dataclass
 class _Call:
-    """One expert call: rows of several requests stacked. parts: (request, expert index in its snapshot)."""
+    """One expert call: `rows` of one batch plan (one registry version), for the requests in `parts`."""
 
     expert: str
+    index: int  # the expert's index in the plan's snapshot
     client: ExpertClient
-    x: list[torch.Tensor] = field(default_factory=list)
-    sigma: list[torch.Tensor] = field(default_factory=list)
-    cond: list[torch.Tensor | None] = field(default_factory=list)
-    parts: list[tuple[_Active, int]] = field(default_factory=list)
-
-    @property
-    def rows(self) -> int:
-        return sum(x.shape[0] for x in self.x)
-
-
-def stack_cond(conds: list[torch.Tensor | None], rows: list[int]) -> torch.Tensor | None:
-    """Stack per-request conditions (each (R_i, D) or None) into (sum R_i, D), or None when all are None.
-
-    The null condition is the all-zeros row (what experts see under condition dropout, and what the gates
-    treat as no condition), so a request without one stacks as zeros and its rows are computed exactly as
-    alone.
-    """
-    present = [c for c in conds if c is not None]
-    if not present:
-        return None
-    dim = present[0].shape[1]
-    return torch.cat([c if c is not None else torch.zeros(r, dim) for c, r in zip(conds, rows, strict=True)])
+    group: int  # which version group's plan
+    rows: torch.Tensor
+    parts: set[int] = field(default_factory=set)  # indices, within the group, of the requests it serves
 
 
 class StepEngine:
@@ -213,10 +194,11 @@ class StepEngine:
 
     # ---- one tick ----------------------------------------------------------------------------------
     async def tick(self, items: list[_Active]) -> TickTiming:
-        """One evaluation for every request in `items`."""
+        """One evaluation for every request in `items`: per registry version, one gate call and one batch plan
+        for all its requests, one call per chosen expert, one combine."""
         t0 = time.perf_counter()
         now = time.monotonic()
-        live: list[_Active] = []
+        by_version: dict[int, list[_Active]] = {}
         for a in items:
             if a.future.done():
                 continue
@@ -226,36 +208,39 @@ class StepEngine:
                     DeadlineExceeded(f"request {a.id} passed its deadline after {a.state.evals} evaluations"),
                 )
                 continue
-            live.append(a)
-        gated = self._gate_all(live)
+            by_version.setdefault(a.snapshot.version, []).append(a)
+        groups = list(by_version.values())
+        gated = []
+        for group in groups:  # one gate call per registry version: the gate is row-wise, stacking is exact
+            q = stack_queries([a.state for a in group])
+            snapshot = group[0].snapshot
+            with torch.no_grad():
+                gated.append((q, snapshot.gate(q.x, q.sigma, q.cond, snapshot.cards)))  # (R, N)
         t_gate = time.perf_counter()
-        plans: list[tuple[_Active, StepPlan]] = []
-        for a, (x, sigma), logits in gated:
-            try:
-                plan = a.state.plan(logits, x, sigma)
-            except ValueError as e:
-                self._fail(a, GenerationFailed(str(e)))
-                continue
-            plans.append((a, plan))
-        calls = self._group(plans)
+        plans: list[BatchPlan] = []
+        for group, (q, logits) in zip(groups, gated, strict=True):
+            plan = plan_batch([a.state for a in group], q, logits)
+            for i, why in plan.failed.items():
+                self._fail(group[i], GenerationFailed(why))
+            plans.append(plan)
+        calls = self._group(groups, plans)
         t_plan = time.perf_counter()
-        results = await asyncio.gather(*(self._call_with_retry(c, self._timeout(c)) for c in calls))
+        results = await asyncio.gather(
+            *(self._call_with_retry(c, plans[c.group], self._timeout(c, groups)) for c in calls)
+        )
         t_calls = time.perf_counter()
-        outputs: dict[str, dict[int, torch.Tensor]] = {a.id: {} for a, _ in plans}
-        failed: dict[str, set[int]] = {a.id: set() for a, _ in plans}
         replies = [r for r in results if isinstance(r, ExpertReply)]
+        outputs: list[dict[int, list]] = [{} for _ in groups]  # per group: expert -> [(rows, x0_hat), ...]
+        failed: list[dict[int, set[int]]] = [{} for _ in groups]
         for call, result in zip(calls, results, strict=True):
             if isinstance(result, ExpertReply):
                 self.expert_busy_s[call.expert] = self.expert_busy_s.get(call.expert, 0.0) + result.forward_s
-            if isinstance(result, Exception):
-                for a, e in call.parts:
-                    failed[a.id].add(e)
-                continue
-            parts = result.x0_hat.split([x.shape[0] for x in call.x])
-            for (a, e), out in zip(call.parts, parts, strict=True):
-                outputs[a.id][e] = out
-        for a, plan in plans:
-            self._advance(a, plan, outputs[a.id], failed[a.id])
+                outputs[call.group].setdefault(call.index, []).append((call.rows, result.x0_hat))
+            else:
+                for i in call.parts:
+                    failed[call.group].setdefault(i, set()).add(call.index)
+        for g, (group, plan) in enumerate(zip(groups, plans, strict=True)):
+            self._advance(group, plan, outputs[g], failed[g])
         end = time.perf_counter()
         encode, decode = sum(r.encode_s for r in replies), sum(r.decode_s for r in replies)
         timing = TickTiming(
@@ -269,69 +254,52 @@ class StepEngine:
             decode=decode,
             combine=end - t_calls,
             idle=max(0.0, (t_calls - t_plan) - encode - decode),
-            requests=len(plans),
-            rows=sum(c.rows for c in calls),
+            requests=sum(len(g) for g in groups),
+            rows=sum(len(c.rows) for c in calls),
             calls=len(calls),
         )
         for phase in PHASES:
             self.metrics.tick_phase_seconds.observe(getattr(timing, phase), tags={"phase": phase})
         self.ticks += 1
         self.rows_sent += timing.rows
-        if any(a.timing is not None for a, _ in plans):
+        if any(a.timing is not None for g in groups for a in g):
             row = {"tick": self.ticks, **timing.to_dict()}
-            for a, _ in plans:
+            for a in (a for g in groups for a in g):
                 if a.timing is not None:
                     a.timing.append(row)
         return timing
 
-    def _gate_all(
-        self, live: list[_Active]
-    ) -> list[tuple[_Active, tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
-        """One gate call per registry version (its gate and experts) for the rows of all its requests: the gate
-        is row-wise and the null condition is the all-zeros row, so stacking is exact.
-        Returns (request, query, logits (B, N))."""
-        by_version: dict[int, list[_Active]] = {}
-        for a in live:
-            by_version.setdefault(a.snapshot.version, []).append(a)
-        out = []
-        for items in by_version.values():
-            queries = [a.state.query() for a in items]
-            x = torch.cat([q[0] for q in queries])
-            sigma = torch.cat([q[1] for q in queries])
-            cond = stack_cond([a.state.cond for a in items], [q[0].shape[0] for q in queries])
-            snapshot = items[0].snapshot
-            with torch.no_grad():
-                logits = snapshot.gate(x, sigma, cond, snapshot.cards)  # (sum B, N)
-            for a, q, lg in zip(items, queries, logits.split([q[0].shape[0] for q in queries]), strict=True):
-                out.append((a, q, lg))
-        return out
-
-    def _group(self, plans: list[tuple[_Active, StepPlan]]) -> list[_Call]:
-        """Stack rows by expert (continuous batching) or by (request, expert); split at max_rows_per_call."""
-        calls: dict[tuple, _Call] = {}
-        for a, plan in plans:
+    def _group(self, groups: list[list[_Active]], plans: list[BatchPlan]) -> list[_Call]:
+        """One call per chosen expert and version group (continuous batching), or per expert and request;
+        split at max_rows_per_call."""
+        calls = []
+        limit = self.options.max_rows_per_call
+        for g, (group, plan) in enumerate(zip(groups, plans, strict=True)):
+            if not plan.rows:
+                continue
+            owner = torch.empty(plan.queries, dtype=torch.long)
+            for i, (a, b) in enumerate(plan.spans):
+                owner[a:b] = i
+            owner = torch.cat([owner, owner[plan.guided]])  # (R',) the request of every evaluation row
             for e, rows in plan.rows.items():
-                name = a.snapshot.entries[e].name
-                key = (name,) if self.options.continuous_batching else (name, a.id)
-                call = calls.get(key)
-                if call is None or call.rows + len(rows) > self.options.max_rows_per_call:
-                    if call is not None:
-                        calls[(*key, len(calls))] = call  # keep the full call under a unique key
-                    call = calls[key] = _Call(name, self.client_for(name))
-                call.x.append(plan.x[rows])
-                call.sigma.append(plan.sigma[rows])
-                call.cond.append(None if plan.cond is None else plan.cond[rows])
-                call.parts.append((a, e))
-        return list(calls.values())
+                name = group[0].snapshot.entries[e].name
+                who = owner[rows]
+                chunks = (
+                    [rows] if self.options.continuous_batching else [rows[who == i] for i in who.unique()]
+                )
+                for chunk in chunks:
+                    for piece in chunk.split(limit):
+                        parts = set(owner[piece].unique().tolist())
+                        calls.append(_Call(name, e, self.client_for(name), g, piece, parts))
+        return calls
 
-    def _timeout(self, call: _Call) -> float:
-        remaining = min(a.deadline for a, _ in call.parts) - time.monotonic()
+    def _timeout(self, call: _Call, groups: list[list[_Active]]) -> float:
+        remaining = min(groups[call.group][i].deadline for i in call.parts) - time.monotonic()
         return max(0.05, min(self.options.call_timeout_s, remaining))
 
-    async def _call_with_retry(self, call: _Call, timeout: float) -> ExpertReply | Exception:
-        x = torch.cat(call.x)
-        sigma = torch.cat(call.sigma)
-        cond = stack_cond(call.cond, [xi.shape[0] for xi in call.x])
+    async def _call_with_retry(self, call: _Call, plan: BatchPlan, timeout: float) -> ExpertReply | Exception:
+        x, sigma = plan.x[call.rows], plan.sigma[call.rows]
+        cond = None if plan.cond is None else plan.cond[call.rows]
         error: Exception = ExpertCallError("not called")
         for attempt in range(2):
             try:
@@ -346,25 +314,36 @@ class StepEngine:
         return error
 
     def _advance(
-        self, a: _Active, plan: StepPlan, outputs: dict[int, torch.Tensor], failed: set[int]
+        self,
+        group: list[_Active],
+        plan: BatchPlan,
+        outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]],
+        failed: dict[int, set[int]],
     ) -> None:
-        before = a.state.dropped
-        try:
-            a.state.advance(plan, outputs, failed)
-        except NoExpertLeft as e:
-            names = sorted(a.snapshot.entries[i].name for i in failed)
-            self._fail(a, GenerationFailed(f"request {a.id}: no chosen expert answered ({names}): {e}"))
-            return
-        for i in failed:
-            lost = (a.state.dropped - before) / len(failed)
-            self.metrics.dropped_mass.inc(lost, tags={"expert": a.snapshot.entries[i].name})
-        traj = a.state.traj
-        if a.on_progress is not None:
-            a.on_progress(Progress(traj.step, traj.steps, a.state.trace[-1].sigma))
-        if a.state.done:
-            seconds = time.monotonic() - a.started
-            self.metrics.requests.inc(tags={"outcome": "ok"})
-            a.future.set_result(a.state.result(a.id, a.snapshot.version, seconds, a.timing))
+        """Combine and step the group's requests; finish those done, fail those that lost every expert."""
+        rows = {e: torch.cat([r for r, _ in parts]) for e, parts in outputs.items()}
+        x0 = {e: torch.cat([o for _, o in parts]) for e, parts in outputs.items()}
+        before = [a.state.dropped for a in group]
+        lost = advance_batch([a.state for a in group], plan, x0, failed, rows)
+        for i, a in enumerate(group):
+            if i in plan.failed or a.future.done():
+                continue
+            if i in lost:
+                names = sorted(a.snapshot.entries[e].name for e in failed.get(i, ()))
+                self._fail(
+                    a, GenerationFailed(f"request {a.id}: no chosen expert answered ({names}): {lost[i]}")
+                )
+                continue
+            for e in failed.get(i, ()):
+                share = (a.state.dropped - before[i]) / len(failed[i])
+                self.metrics.dropped_mass.inc(share, tags={"expert": a.snapshot.entries[e].name})
+            traj = a.state.traj
+            if a.on_progress is not None:
+                a.on_progress(Progress(traj.step, traj.steps, a.state.trace[-1].sigma))
+            if a.state.done:
+                seconds = time.monotonic() - a.started
+                self.metrics.requests.inc(tags={"outcome": "ok"})
+                a.future.set_result(a.state.result(a.id, a.snapshot.version, seconds, a.timing))
 
     def _fail(self, a: _Active, error: Exception) -> None:
         if not a.future.done():

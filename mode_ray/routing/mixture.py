@@ -97,7 +97,8 @@ class Mixture(nn.Module):
         )
 
     def outputs(self, plan: StepPlan) -> dict[int, torch.Tensor]:
-        """Every chosen expert on its rows: expert index -> (R_e, C, H, W)."""
+        """Every chosen expert on its rows: expert index -> (R_e, C, H, W). Any plan with x, sigma, cond and
+        rows will do (also mode_ray.generation's BatchPlan of many requests)."""
         outputs = {}
         for e, r in plan.rows.items():
             cond = None if plan.cond is None else plan.cond[r]

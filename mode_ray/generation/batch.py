@@ -103,13 +103,15 @@ def plan_batch(states: Sequence[RequestState], queries: Queries, logits: torch.T
     in `failed` with the reason and gets no rows; the others are planned as if alone.
     """
     x, sigma, cond, spans = queries.x, queries.sigma, queries.cond, queries.spans
-    logits = logits.clone()
+    logits = logits.masked_fill(
+        torch.isnan(logits), -math.inf
+    )  # a NaN score excludes that expert, not the row
     failed: dict[int, str] = {}
     for i, (s, (a, b)) in enumerate(zip(states, spans, strict=True)):
         if s.allowed is not None:
             logits[a:b] = logits[a:b].masked_fill(~s.allowed.to(logits.device)[None], -math.inf)
         block = logits[a:b]
-        dead = ~torch.isfinite(block).any(dim=1) | torch.isnan(block).any(dim=1)
+        dead = ~torch.isfinite(block).any(dim=1)
         if dead.any():
             failed[i] = (
                 f"no expert can take row(s) {dead.nonzero().flatten().tolist()}: every logit is -inf or NaN "

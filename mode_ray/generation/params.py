@@ -14,12 +14,13 @@ from mode_ray.generation.bundle import MixtureConfig, encoder_for
 
 DEFAULT_NUM_IMAGES = 4  # the one default of HTTP, gRPC, the CLI and the Python API
 MAX_NUM_IMAGES = 256
+MAX_PROMPT_CHARS = 1000
 
 
 class GenerateParams(BaseModel):
     """One generation request. Unset fields take the mixture's defaults (`mixture.json`)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
     prompt: str | int | None = Field(None, description="class name or index, e.g. 7, 'seven', 'digit 7'")
     class_label: int | None = Field(None, alias="class", ge=0, description="class index (instead of prompt)")
     num_images: int = Field(DEFAULT_NUM_IMAGES, ge=1, le=MAX_NUM_IMAGES)
@@ -40,6 +41,8 @@ class GenerateParams(BaseModel):
     def _prompt_not_blank(cls, v: str | int | None) -> str | int | None:
         if isinstance(v, str) and not v.strip():
             raise ValueError("prompt must not be blank; omit it for unconditional generation")
+        if isinstance(v, str) and len(v) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters, got {len(v)}")
         return v
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,10 +69,17 @@ class ExpertCard(BaseModel):
             raise ValueError(f"latent_shape must be positive (C, H, W), got {list(v)}")
         return v
 
+    @field_validator("prototype")
+    @classmethod
+    def _finite_prototype(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(math.isfinite(p) for p in v):
+            raise ValueError("prototype must hold finite numbers (no NaN or inf)")
+        return v
+
     @field_validator("sigma_interval")
     @classmethod
     def _interval(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
-        if v is not None and not 0 <= v[0] < v[1]:
+        if v is not None and not (math.isfinite(v[0]) and not math.isnan(v[1]) and 0 <= v[0] < v[1]):
             raise ValueError(f"sigma_interval must be [lo, hi] with 0 <= lo < hi, got {list(v)}")
         return v
 
@@ -120,11 +128,17 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def shown(value: Any, limit: int = 80) -> str:
+    """repr(value) for an error message, cut to `limit` characters (never echo a huge input back)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 12]}... ({len(text)} chars)"
+
+
 def format_validation_error(e: ValidationError, where: str) -> str:
     """One line per field: `where.field: message (got value)`."""
     lines = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        got = f" (got {shown(err['input'])})" if "input" in err and not isinstance(err["input"], dict) else ""
         lines.append(f"{where}.{loc}: {err['msg']}{got}")
     return "; ".join(lines)

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from mode_ray.models.card import shown
+
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -38,7 +40,7 @@ class ClassLabelEncoder:
             if text in self.names:
                 return self.names.index(text)
         raise ValueError(
-            f"prompt {prompt!r} is not a known class: use an index 0..{self.dim - 1}, a name such as "
+            f"prompt {shown(prompt)} is not a known class: use an index 0..{self.dim - 1}, a name such as "
             f"{self.names[min(7, self.dim - 1)]!r}, or '{self.noun} <index|name>'"
         )
 

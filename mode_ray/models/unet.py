@@ -29,6 +29,21 @@ class UNetConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(self.channels))
         object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
+        for name, value, low, high in (
+            ("in_channels", self.in_channels, 1, 64),
+            ("blocks_per_level", self.blocks_per_level, 1, 8),
+            ("emb_dim", self.emb_dim, 1, 4096),
+            ("cond_dim", self.cond_dim, 0, 4096),
+            ("groups", self.groups, 1, 1024),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        if (
+            not self.channels
+            or len(self.channels) > 6
+            or any(not isinstance(c, int) or isinstance(c, bool) or not 1 <= c <= 4096 for c in self.channels)
+        ):
+            raise ValueError(f"channels must be 1 to 6 integers in [1, 4096], got {list(self.channels)}")
         if any(c % self.groups for c in self.channels):
             raise ValueError(f"every channel count must divide by groups={self.groups}, got {self.channels}")
         if any(not 0 <= a < len(self.channels) for a in self.attention_levels):

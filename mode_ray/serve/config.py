@@ -64,7 +64,9 @@ class ExpertDeployment(BaseModel):
         "per expert, and calls that arrive during a forward pass are still merged into the next",
     )
     device: str | None = Field(
-        None, description="'cuda' or 'cpu'; default: MODE_RAY_DEVICE, else cuda when the replica has a GPU"
+        None,
+        pattern=r"^(cpu|cuda(:[0-9]{1,2})?)$",
+        description="'cpu', 'cuda' or 'cuda:N'; default: MODE_RAY_DEVICE, else cuda when the replica has a GPU",
     )
     emulate: EmulatedLatency | None = Field(None, description="benchmarks: a fixed-latency stand-in expert")
     resources: dict[str, float] = Field(

@@ -294,7 +294,9 @@ class StepEngine:
         return calls
 
     def _timeout(self, call: _Call, groups: list[list[_Active]]) -> float:
-        remaining = min(groups[call.group][i].deadline for i in call.parts) - time.monotonic()
+        """The call's budget: the latest deadline among its requests (one near its own deadline must not cut
+        the call short for the others; it fails alone at the next tick), at most call_timeout_s."""
+        remaining = max(groups[call.group][i].deadline for i in call.parts) - time.monotonic()
         return max(0.05, min(self.options.call_timeout_s, remaining))
 
     async def _call_with_retry(self, call: _Call, plan: BatchPlan, timeout: float) -> ExpertReply | Exception:
@@ -304,6 +306,9 @@ class StepEngine:
         for attempt in range(2):
             try:
                 out = await call.client.infer(x, sigma, cond, timeout)
+                if not torch.isfinite(out.x0_hat).all():  # never combined: dropped like a failed call
+                    self.metrics.expert_calls.inc(tags={"expert": call.expert, "outcome": "nonfinite"})
+                    return ExpertCallError(f"expert {call.expert!r} returned a non-finite x0_hat")
                 self.metrics.expert_calls.inc(tags={"expert": call.expert, "outcome": "ok"})
                 return out
             except (TimeoutError, ExpertCallError, OSError) as e:
@@ -329,6 +334,10 @@ class StepEngine:
             if i in plan.failed or a.future.done():
                 continue
             if i in lost:
+                if time.monotonic() >= a.deadline:  # its calls ran out of its own time budget
+                    why = f"request {a.id} passed its deadline after {a.state.evals} evaluations"
+                    self._fail(a, DeadlineExceeded(why))
+                    continue
                 names = sorted(a.snapshot.entries[e].name for e in failed.get(i, ()))
                 self._fail(
                     a, GenerationFailed(f"request {a.id}: no chosen expert answered ({names}): {lost[i]}")

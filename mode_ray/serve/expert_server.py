@@ -325,6 +325,10 @@ class ExpertServer:
         if x.ndim != 4 or tuple(x.shape[1:]) != self._latent_shape:
             raise bad(f"inputs 'x': shape {list(x.shape)}, expected [B, {_dims(self._latent_shape)}]")
         rows = x.shape[0]
+        finite_x = np.isfinite(x)
+        if not finite_x.all():
+            where = tuple(int(i) for i in np.argwhere(~finite_x)[0])
+            raise bad(f"inputs 'x': x{list(where)} = {float(x[where])!r} is not finite")
 
         sigma = inputs.get(INPUT_SIGMA)
         if sigma is None:

@@ -17,9 +17,11 @@ from ray import serve
 
 from mode_ray import env
 from mode_ray.generation import DEFAULT_NUM_IMAGES, GenerateParams, GenerationResult, Progress
+from mode_ray.models.card import shown
 from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
 from mode_ray.serve.errors import DeadlineExceeded, GenerationFailed, Overloaded
 
+MAX_DEADLINE_S = 3600.0
 api = FastAPI(title="mode_ray", description="Mixture of Diffusion Experts on Ray Serve", version="0.1.0")
 
 
@@ -28,7 +30,7 @@ class GenerateBody(GenerateParams):
         "png", description="png: an image/png grid; json: base64 arrays + trace"
     )
     deadline_s: float | None = Field(
-        None, gt=0, le=3600, description="fail the request after this many seconds"
+        None, gt=0, le=MAX_DEADLINE_S, description="fail the request after this many seconds"
     )
     timing: bool = Field(
         False, description="output json: add the router's time breakdown of every evaluation (ms per phase)"
@@ -39,7 +41,7 @@ def _field_errors(e: ValidationError | RequestValidationError) -> str:
     parts = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
-        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        got = f" (got {shown(err['input'])})" if "input" in err and not isinstance(err["input"], dict) else ""
         parts.append(f"{loc}: {err['msg']}{got}")
     return "; ".join(parts)
 
@@ -106,7 +108,10 @@ class Ingress:
                 403, detail="the admin API is off: set MODE_RAY_ADMIN_TOKEN on the cluster to enable it"
             )
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.admin_token):
+        given = token.strip().encode(
+            "utf-8", "surrogateescape"
+        )  # any header bytes compare (and fail) cleanly
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self.admin_token.encode()):
             raise HTTPException(
                 401,
                 detail="missing or wrong admin token (Authorization: Bearer <token>)",
@@ -177,8 +182,12 @@ class Ingress:
         if request.exclude_experts:
             params["exclude_experts"] = list(request.exclude_experts)
         if request.output not in ("", "png", "raw"):
-            raise ValueError(f"output must be 'png' or 'raw', got {request.output!r}")
-        return params, (request.deadline_s if request.HasField("deadline_s") else None)
+            raise ValueError(f"output must be 'png' or 'raw', got {request.output[:40]!r}")
+        deadline = request.deadline_s if request.HasField("deadline_s") else None
+        if deadline is not None and not 0 < deadline <= MAX_DEADLINE_S:  # NaN fails too
+            raise ValueError(f"deadline_s must be in (0, {MAX_DEADLINE_S:g}] seconds, got {deadline!r}")
+        GenerateParams.model_validate(params)  # the same field errors as HTTP, before anything is queued
+        return params, deadline
 
     def _grpc_response(self, r: GenerationResult, output: str) -> Any:
         response = gen.GenerateResponse(

@@ -68,6 +68,9 @@ def test_wrong_tensor_shape_and_missing_tensor(tmp_path) -> None:  # noqa: ANN00
         ({"formulation": "ddpm"}, "card.formulation"),
         ({"prototype": [1.0, 0.0]}, "prototype has 2 values"),
         ({"sigma_interval": [2.0, 1.0]}, "sigma_interval"),
+        ({"sigma_interval": [float("nan"), 1.0]}, "sigma_interval"),
+        ({"prototype": [float("nan")] + [0.0] * 9}, "prototype must hold finite numbers"),
+        ({"prototype": [float("inf")] + [0.0] * 9}, "prototype must hold finite numbers"),
         ({"surprise": 1}, "surprise"),
     ],
 )
@@ -86,6 +89,27 @@ def test_invalid_json_and_missing_directory(tmp_path) -> None:  # noqa: ANN001
         load_expert(path)
     with pytest.raises(CheckpointError, match="not an expert directory"):
         load_expert(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"groups": 0}, r"groups must be an integer in \[1, 1024\], got 0"),
+        ({"emb_dim": -1}, "emb_dim must be an integer"),
+        ({"cond_dim": -3}, "cond_dim must be an integer"),
+        ({"channels": []}, "channels must be 1 to 6 integers"),
+        ({"channels": [8, 100000]}, "channels must be 1 to 6 integers"),
+        ({"blocks_per_level": 1.5}, "blocks_per_level must be an integer"),
+    ],
+)
+def test_backbone_configs_that_cannot_build_a_model_are_named(tmp_path, change: dict, match: str) -> None:  # noqa: ANN001
+    """Before, these failed inside torch (or with a ZeroDivisionError) and a hot-add answered 500."""
+    path, _ = tiny(tmp_path)
+    card = json.loads((path / "expert.json").read_text())
+    card["backbone_config"] = {**card["backbone_config"], **change}
+    (path / "expert.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match=match):
+        load_expert(path)
 
 
 def test_unet_config_validation() -> None:

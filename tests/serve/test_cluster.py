@@ -116,6 +116,9 @@ def test_http_png_and_field_errors(cluster) -> None:  # noqa: ANN001
     assert bad.status_code == 400 and "nope" in bad.json()["detail"]
     bad = post(sc.http_url, {"prompt": 1, "sampler": "magic"})
     assert bad.status_code == 422 and "sampler" in bad.json()["error"]
+    bad = post(sc.http_url, {"prompt": "seven " * 40_000})  # a 240 KB prompt is refused, not echoed back
+    assert bad.status_code == 422 and "at most 1000 characters" in bad.json()["error"]
+    assert len(bad.text) < 600
     assert httpx.get(f"{sc.http_url}/healthz").json() == {"status": "ok"}
 
 
@@ -149,9 +152,28 @@ def test_grpc_generate_stream_and_list(cluster) -> None:  # noqa: ANN001
         )
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Generate(gen.GenerateRequest(prompt="4", num_images=2, top_p=3.0), metadata=md)
-        return raw, png, progress, listing, err.value, floored
+        edge = {}
+        for name, request in {
+            "deadline nan": gen.GenerateRequest(prompt="4", deadline_s=float("nan")),
+            "deadline inf": gen.GenerateRequest(prompt="4", deadline_s=float("inf")),
+            "deadline 1e9": gen.GenerateRequest(prompt="4", deadline_s=1e9),
+            "images -1": gen.GenerateRequest(prompt="4", num_images=-1),
+            "guidance nan": gen.GenerateRequest(prompt="4", guidance_scale=float("nan")),
+        }.items():
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.Generate(request, metadata=md)
+            edge[name] = e.value
+        return raw, png, progress, listing, err.value, floored, edge
 
-    raw, png, progress, listing, err, floored = grpc_call(sc.grpc_target, calls)
+    raw, png, progress, listing, err, floored, edge = grpc_call(sc.grpc_target, calls)
+    for name, e in edge.items():  # the same edge checks as HTTP, before anything is queued
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+    for name, field in [
+        ("deadline nan", "deadline_s"),
+        ("images -1", "num_images"),
+        ("guidance nan", "guidance"),
+    ]:
+        assert field in edge[name].details(), (name, edge[name].details())
     assert all(len(row.experts) == 1 for step in floored.trace for row in step.rows)  # min_weight over gRPC
     bundle = load_bundle(model)
     expected = generate_local(
@@ -200,11 +222,14 @@ def test_admin_api_needs_the_token(cluster) -> None:  # noqa: ANN001
     assert httpx.post(url, json={"path": "d"}).status_code == 401
     assert httpx.post(url, json={"path": "d"}, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert httpx.delete(f"{url}/a", headers={"Authorization": "Basic abc"}).status_code == 401
+    non_ascii = {"Authorization": "Bearer tökén-✓".encode()}  # was a 500 (hmac on non-ASCII str)
+    assert httpx.post(url, json={"path": "d"}, headers=non_ascii).status_code == 401
     for body, status, words in [
         ({"path": "../../etc"}, 400, "outside the expert root"),
         ({"path": "a"}, 409, "already registered"),
         ({"paht": "d"}, 422, "paht"),
         ({"path": "x" * 300}, 400, "File name too long"),
+        ({"path": "d", "deployment": {"device": "bogus"}}, 422, "deployment.device"),
     ]:
         r = httpx.post(url, json=body, headers=AUTH, timeout=60)
         assert r.status_code == status and words in r.json()["detail"], r.text

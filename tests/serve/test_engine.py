@@ -24,17 +24,21 @@ class LocalClient:
 
     def __init__(self, expert: Expert) -> None:
         self.name, self.expert = expert.name, expert
-        self.fail_next, self.delay, self.calls, self.rows = 0, 0.0, 0, []
+        self.fail_next, self.nan_next, self.delay, self.calls, self.rows = 0, 0, 0.0, 0, []
 
     async def infer(self, x, sigma, cond, timeout):  # noqa: ANN001, ANN201
         self.calls += 1
         self.rows.append(x.shape[0])
         if self.delay:
-            await asyncio.sleep(self.delay)
+            await asyncio.wait_for(asyncio.sleep(self.delay), timeout)  # a late reply is a TimeoutError
         if self.fail_next:
             self.fail_next -= 1
             raise ExpertCallError(f"expert {self.name!r}: UNAVAILABLE: injected")
-        return ExpertReply(self.expert.denoiser(x, sigma, cond))
+        out = self.expert.denoiser(x, sigma, cond)
+        if self.nan_next:
+            self.nan_next -= 1
+            out = out * float("nan")
+        return ExpertReply(out)
 
     async def ready(self, timeout: float) -> bool:
         return True
@@ -199,3 +203,49 @@ def test_two_cohorts_tick_apart_and_give_the_same_images() -> None:
     traces = [r.trace for r in results]
     calls = sum(expected_calls(PARAMS[k::2], traces[k::2], continuous=True)[0] for k in (0, 1))
     assert sum(c.calls for c in clients.values()) == calls
+
+
+def test_a_non_finite_expert_output_is_dropped_never_combined() -> None:
+    engine, snapshot, clients, _ = setup()
+    clients["e0"].nan_next = 2  # the call and its retry answer NaN
+    req = resolve(GenerateParams(prompt=0, num_images=2, seed=5, steps=3), CONFIG)
+    r = asyncio.run(engine.generate(req, snapshot))
+    assert torch.isfinite(r.images).all()
+    assert "e0" not in r.trace[0].experts[0] and r.trace[0].dropped[0] > 0 and r.dropped_mass > 0
+
+
+def test_a_request_near_its_deadline_does_not_cut_a_shared_call_short() -> None:
+    """Before, a merged call's timeout was the tightest deadline in it: when the short request neared its
+    deadline the call timed out and the long request lost the expert too."""
+    engine, snapshot, clients, _ = setup(RouterOptions(call_timeout_s=5))
+    for c in clients.values():
+        c.delay = 0.15
+    short = resolve(GenerateParams(prompt=0, num_images=1, seed=1, steps=6), CONFIG)
+    long = resolve(GenerateParams(prompt=0, num_images=1, seed=2, steps=6), CONFIG)
+
+    async def run():  # noqa: ANN202
+        a = asyncio.ensure_future(engine.generate(short, snapshot, deadline_s=0.4))
+        b = asyncio.ensure_future(engine.generate(long, snapshot, deadline_s=60))
+        with pytest.raises(DeadlineExceeded):
+            await a
+        return await b
+
+    done = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    assert done.dropped_mass == 0 and all(d == 0 for t in done.trace for d in t.dropped)
+
+
+def test_a_nan_score_excludes_that_expert_not_the_row() -> None:
+    engine, snapshot, clients, mixture = setup()
+
+    class NanForLast(PrototypeGate):
+        def forward(self, x, sigma, cond, experts):  # noqa: ANN001, ANN201
+            logits = super().forward(x, sigma, cond, experts)
+            logits[:, -1] = float("nan")
+            return logits
+
+    gate = NanForLast(tau=0.5)
+    nan_snapshot = Snapshot(2, snapshot.entries, gate)
+    params = GenerateParams(prompt=8, num_images=2, seed=4, steps=4)  # e2 would hold 8
+    r = asyncio.run(engine.generate(resolve(params, CONFIG), nan_snapshot))
+    assert all("e2" not in row for t in r.trace for row in t.experts) and torch.isfinite(r.images).all()
+    assert clients["e2"].calls == 0

@@ -257,6 +257,17 @@ def test_bad_requests_name_the_field(tiny):
             ["'x'", "[3, 1, 27, 28]"],
         ),
         "x missing": ({}, {"sigma": good["sigma"]}, grpc.StatusCode.INVALID_ARGUMENT, ["'x'", "missing"]),
+        "x nan": (
+            {},
+            dict(
+                good,
+                x=np.where(np.arange(good["x"].size).reshape(good["x"].shape) == 5, np.nan, good["x"]).astype(
+                    np.float32
+                ),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["'x'", "[0, 0, 0, 5]", "not finite"],
+        ),
         "sigma length": (
             {},
             dict(good, sigma=good["sigma"][:2]),

@@ -65,10 +65,21 @@ class Snapshot:
 class Registry:
     """Thread-safe, persisted to `state_dir/registry.json` with write-to-temp + fsync + rename."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, set_aside_corrupt: bool = False) -> None:
+        """Read `state_dir/registry.json`. A corrupt or unreadable file is an error naming the problem, or,
+        with `set_aside_corrupt` (a fresh start), is renamed to `registry.json.corrupt-<time>` for inspection
+        and the registry starts empty."""
         self.path = Path(state_dir) / REGISTRY_FILE
         self._lock = threading.Lock()
-        self._data = self._read()
+        self.set_aside: Path | None = None
+        try:
+            self._data = self._read()
+        except RuntimeError:
+            if not set_aside_corrupt:
+                raise
+            self.set_aside = self.path.with_name(f"{REGISTRY_FILE}.corrupt-{int(time.time())}")
+            os.replace(self.path, self.set_aside)
+            self._data = RegistryFile()
 
     def _read(self) -> RegistryFile:
         if not self.path.exists():
@@ -77,10 +88,10 @@ class Registry:
             return RegistryFile.model_validate(json.loads(self.path.read_text()))
         except ValidationError as e:
             problem = format_validation_error(e, "registry")
-        except ValueError as e:  # JSONDecodeError
-            problem = f"not valid JSON: {e}"
+        except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError, unreadable
+            problem = f"not a readable JSON registry: {e}"
         raise RuntimeError(
-            f"registry {self.path} is corrupt ({problem}); move it away to start from the model"
+            f"registry {self.path} is corrupt ({problem}); start with --fresh (restore: false) to set it aside"
         )
 
     def _write(self) -> None:

@@ -55,7 +55,9 @@ class Router:
     async def __init__(self, args: dict) -> None:
         self.args = AppArgs.model_validate(args)
         self.config = load_config(self.args.model_dir)
-        self.registry = Registry(self.args.state_dir)
+        self.registry = Registry(self.args.state_dir, set_aside_corrupt=not self.args.restore)
+        if self.registry.set_aside is not None:
+            log.warning("corrupt registry set aside as %s; starting from the model", self.registry.set_aside)
         if not self.args.restore and self.registry.gate is not None:
             self.registry.set_gate(None)  # start from the model directory: its own gate
         published = self.registry.gate

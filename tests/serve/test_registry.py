@@ -47,6 +47,12 @@ def test_snapshots_are_immune_to_later_changes(tmp_path) -> None:  # noqa: ANN00
 )
 def test_a_corrupt_registry_file_is_a_clear_error_and_is_left_alone(tmp_path, content: str) -> None:  # noqa: ANN001
     (tmp_path / REGISTRY_FILE).write_text(content)
-    with pytest.raises(RuntimeError, match="is corrupt .* move it away to start from the model"):
+    with pytest.raises(
+        RuntimeError, match=r"is corrupt .* start with --fresh \(restore: false\) to set it aside"
+    ):
         Registry(tmp_path)
     assert (tmp_path / REGISTRY_FILE).read_text() == content
+    fresh = Registry(tmp_path, set_aside_corrupt=True)  # --fresh: kept for inspection, start empty
+    assert fresh.entries() == [] and fresh.version == 0
+    assert fresh.set_aside is not None and fresh.set_aside.read_text() == content
+    assert not (tmp_path / REGISTRY_FILE).exists()

@@ -152,6 +152,13 @@ class StepEngine:
             return await asyncio.wait_for(asyncio.shield(item.future), timeout=item.deadline - now + 5)
         except TimeoutError:
             raise DeadlineExceeded(f"request {item.id} missed its deadline") from None
+        except (
+            asyncio.CancelledError
+        ):  # the client went away (HTTP disconnect, gRPC cancel): stop computing it
+            if not item.future.done():
+                self.metrics.requests.inc(tags={"outcome": "cancelled"})
+                item.future.cancel()  # every tick skips done futures: it leaves at the next one
+            raise
 
     def _ensure_loops(self) -> None:
         loop = asyncio.get_running_loop()
@@ -163,6 +170,8 @@ class StepEngine:
         """Move queued requests into the engine (up to max_active_requests), each into the smallest cohort."""
         while len(self._active) < self.options.max_active_requests and not self._queue.empty():
             item = self._queue.get_nowait()
+            if item.future.done():  # cancelled while queued
+                continue
             sizes = [0] * len(self._wake)
             for a in self._active:
                 sizes[a.cohort] += 1

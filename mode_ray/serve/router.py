@@ -291,10 +291,13 @@ class Router:
         """Counters of the step engine since start: ticks, rows sent to experts, each expert's reported forward
         time (benchmarks derive ticks/s, rows/s and busy fractions from two readings)."""
         e = self.engine
+        active, queued = e.load
         return {
             "ticks": e.ticks,
             "rows": e.rows_sent,
             "expert_busy_s": dict(e.expert_busy_s),
+            "active": active,
+            "queued": queued,
             "at": time.monotonic(),
         }
 

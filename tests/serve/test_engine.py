@@ -249,3 +249,27 @@ def test_a_nan_score_excludes_that_expert_not_the_row() -> None:
     r = asyncio.run(engine.generate(resolve(params, CONFIG), nan_snapshot))
     assert all("e2" not in row for t in r.trace for row in t.experts) and torch.isfinite(r.images).all()
     assert clients["e2"].calls == 0
+
+
+def test_a_cancelled_request_leaves_the_engine_at_the_next_tick() -> None:
+    """A client that goes away (HTTP disconnect, gRPC cancel) cancels the awaiting coroutine: the request
+    must stop computing, not run on until its deadline."""
+    engine, snapshot, clients, _ = setup()
+    for c in clients.values():
+        c.delay = 0.02
+    req = resolve(GenerateParams(prompt=0, num_images=1, seed=5, steps=200), CONFIG)
+
+    async def run() -> int:
+        task = asyncio.ensure_future(engine.generate(req, snapshot))
+        while sum(c.calls for c in clients.values()) < 3:  # it is stepping
+            await asyncio.sleep(0.005)
+        task.cancel()
+        at_cancel = sum(c.calls for c in clients.values())
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        while engine.load != (0, 0):  # removed from the engine (its last tick has finished)
+            await asyncio.sleep(0.005)
+        return sum(c.calls for c in clients.values()) - at_cancel
+
+    after = asyncio.run(asyncio.wait_for(run(), timeout=30))
+    assert after <= 2  # at most the tick in flight (one call per chosen expert)

@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -24,17 +23,12 @@ from pathlib import Path
 
 import httpx
 import torch
+from local_serve import start_ray_serve
 
 from mode_ray.cli import DEFAULT_MODEL
 from mode_ray.generation import GenerateParams, generate_local, load_bundle
 
 OUT = Path(__file__).resolve().parent / "results"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def summarize(name: str, latencies: list[float], wall: float, images: int) -> dict:
@@ -122,17 +116,11 @@ def main() -> None:
     # ---- the cluster -----------------------------------------------------------------------------------
     import ray
     from ray import serve
-    from ray.serve.config import gRPCOptions
 
     from mode_ray.serve.app import build_app
-    from mode_ray.serve.config import APP_NAME, GRPC_SERVICER_FUNCTIONS, AppArgs
+    from mode_ray.serve.config import APP_NAME, AppArgs
 
-    http_port, grpc_port = free_port(), free_port()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": http_port},
-        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
-    )
+    http_port, grpc_port = start_ray_serve()
     url = f"http://127.0.0.1:{http_port}"
 
     expert_wait: list[float] = []

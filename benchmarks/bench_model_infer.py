@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
+from local_serve import free_port
 
 from mode_ray.diffusion import EDMPrecond
 from mode_ray.models import ExpertCard, save_expert
@@ -29,12 +29,6 @@ from mode_ray.proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from mode_ray.serve.oip import encode_infer_request
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_expert(path: Path, preset: str) -> Path:

@@ -21,7 +21,7 @@ import torch
 
 from mode_ray.generation.request import RequestState, trace_step
 from mode_ray.routing.step import combine, dispatch, needs_guidance
-from mode_ray.routing.topk import PAD, Routing, route
+from mode_ray.routing.topk import PAD, Routing, drop_slots, route
 
 
 def stack_cond(conds: Sequence[torch.Tensor | None], rows: Sequence[int]) -> torch.Tensor | None:
@@ -179,30 +179,19 @@ def advance_batch(
         mine = owner[copy_of] == i  # (R',)
         for e in experts:
             hit |= mine[:, None] & (plan.routing.indices == e)
-    weights = torch.where(hit, torch.zeros_like(plan.routing.weights), plan.routing.weights)
-    total = weights.sum(dim=1, keepdim=True)  # (R', 1)
+    routing, dropped = drop_slots(plan.routing, hit)  # dropped: (R',) mass each row lost
     lost: dict[int, str] = {}
     if failed:
-        empty = (total.flatten() <= 0).nonzero().flatten()
-        for row in empty.tolist():
+        for row in (routing.weights.sum(dim=1) <= 0).nonzero().flatten().tolist():
             i = int(owner[copy_of[row]])
             if i not in lost:
                 names = sorted(states[i].names[e] for e in failed.get(i, ()))
                 lost[i] = (
                     f"every chosen expert failed for row(s) {[row - plan.spans[i][0]]} (failed: {names})"
                 )
-    dropped = torch.where(hit, plan.routing.weights, torch.zeros_like(plan.routing.weights)).sum(
-        dim=1
-    )  # (R',)
-    routing = Routing(
-        torch.where(hit, torch.full_like(plan.routing.indices, PAD), plan.routing.indices),
-        weights / total.clamp(min=torch.finfo(weights.dtype).tiny),
-    )
     kept_rows, kept_out = {}, {}
-    for (
-        e,
-        out,
-    ) in outputs.items():  # rows where e was dropped (a failed call of the same request) are left out
+    # rows where e was dropped (a failed call of the same request) are left out of the combine
+    for e, out in outputs.items():
         keep = (routing.indices[rows[e]] == e).any(dim=1)
         if keep.any():
             kept_rows[e], kept_out[e] = rows[e][keep], out[keep]

@@ -101,19 +101,27 @@ def route(
     return routing if not min_weight else weight_floor(routing, min_weight)
 
 
+def drop_slots(routing: Routing, hit: torch.Tensor) -> tuple[Routing, torch.Tensor]:
+    """Remove the slots marked in `hit` (B, k) and renormalise each row over the rest.
+
+    Returns the new routing and the dropped mass per row: (B,). A row that loses every slot is left with
+    zero weights (its caller decides what that means)."""
+    dropped = torch.where(hit, routing.weights, torch.zeros_like(routing.weights)).sum(dim=1)  # (B,)
+    weights = torch.where(hit, torch.zeros_like(routing.weights), routing.weights)
+    total = weights.sum(dim=1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
+    indices = torch.where(hit, torch.full_like(routing.indices, PAD), routing.indices)
+    return Routing(indices, weights / total), dropped
+
+
 def drop_experts(routing: Routing, failed: set[int]) -> tuple[Routing, torch.Tensor]:
-    """Remove `failed` experts and renormalise the remaining weights.
+    """Remove `failed` experts from every row and renormalise the remaining weights.
 
     Returns the new routing and the dropped mass per row: (B,). NoExpertLeft when a row loses every expert.
     """
-    hit = torch.zeros_like(routing.weights, dtype=torch.bool)
-    for e in failed:
-        hit |= routing.indices == e
-    dropped = torch.where(hit, routing.weights, torch.zeros_like(routing.weights)).sum(dim=1)  # (B,)
-    weights = torch.where(hit, torch.zeros_like(routing.weights), routing.weights)
-    total = weights.sum(dim=1, keepdim=True)
-    if (total <= 0).any():
-        rows = (total.flatten() <= 0).nonzero().flatten().tolist()
+    hit = torch.isin(routing.indices, torch.tensor(sorted(failed), dtype=routing.indices.dtype))
+    dropped_routing, dropped = drop_slots(routing, hit)
+    empty = dropped_routing.weights.sum(dim=1) <= 0
+    if empty.any():
+        rows = empty.nonzero().flatten().tolist()
         raise NoExpertLeft(f"every chosen expert failed for row(s) {rows} (failed experts: {sorted(failed)})")
-    indices = torch.where(hit, torch.full_like(routing.indices, PAD), routing.indices)
-    return Routing(indices, weights / total), dropped
+    return dropped_routing, dropped

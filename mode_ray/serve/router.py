@@ -18,10 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mode_ray.generation import GenerateParams, GenerationResult, Progress, resolve
 from mode_ray.generation.bundle import build_gate, check_condition, check_gate, load_config
+from mode_ray.models.card import ExpertCard
 from mode_ray.models.checkpoint import CheckpointError, load_card, load_expert
 from mode_ray.routing.gates import Gate
 from mode_ray.serve.config import AppArgs, ExpertDeployment, expert_app_name
 from mode_ray.serve.engine import StepEngine
+from mode_ray.serve.errors import ExpertCallError
 from mode_ray.serve.registry import ExpertEntry, Registry, Snapshot
 from mode_ray.serve.transport import ExpertClient, client_for
 
@@ -104,7 +106,11 @@ class Router:
             if e.state == "draining":  # a drain interrupted by a restart: finish it
                 await self._teardown(e)
 
-    async def _bring_up(self, entry: ExpertEntry, deployment: ExpertDeployment | None = None) -> None:
+    async def _bring_up(
+        self, entry: ExpertEntry, deployment: ExpertDeployment | None = None, canary: bool = False
+    ) -> None:
+        """Deploy (if served here), wait for ModelReady, optionally prove it with a canary pass, then publish
+        it as ready (a new registry version)."""
         if entry.endpoint == "serve":
             if entry.path is None:
                 raise CheckpointError(f"expert {entry.name!r} has no path to deploy from")
@@ -117,6 +123,8 @@ class Router:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"expert {entry.name!r} did not report ModelReady within 180 s")
             await asyncio.sleep(0.5)
+        if canary:
+            await _canary_expert(client, entry.card)
         self.registry.set_state(entry.name, "ready")
         log.info("expert %s ready (registry version %d)", entry.name, self.registry.version)
 
@@ -215,7 +223,7 @@ class Router:
             )
             self.registry.upsert(entry)
         try:
-            await self._bring_up(entry, request.deployment)
+            await self._bring_up(entry, request.deployment, canary=True)
         except BaseException:
             await self._teardown(entry)
             raise
@@ -306,17 +314,41 @@ class Router:
             raise RuntimeError(f"router start-up failed: {self._started.exception()!r}")
 
 
-@torch.no_grad()
-def _canary(gate: Gate, snapshot: Snapshot) -> None:
-    """A ValueError unless `gate` gives finite logits for noise at a few sigmas, with and without a condition."""
-    card = snapshot.entries[0].card
+def _probe(card: ExpertCard) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+    """Canary inputs: seeded noise at sigma 0.01 / 1 / 80 (x: (3, C, H, W)), with no condition and with
+    one-hot ones ((3, D))."""
     sigma = torch.tensor([0.01, 1.0, 80.0])
     x = (
         torch.randn(3, *card.latent_shape, generator=torch.Generator().manual_seed(0))
         * sigma[:, None, None, None]
     )
-    conds = [None] if card.condition.dim == 0 else [None, torch.eye(card.condition.dim)[:1].expand(3, -1)]
+    dim = card.condition.dim
+    return x, sigma, [None] if dim == 0 else [None, torch.eye(dim)[torch.arange(3) % dim]]
+
+
+@torch.no_grad()
+def _canary(gate: Gate, snapshot: Snapshot) -> None:
+    """A ValueError unless `gate` gives finite logits for noise at a few sigmas, with and without a condition."""
+    x, sigma, conds = _probe(snapshot.entries[0].card)
     for cond in conds:
         logits = gate(x, sigma, cond, snapshot.cards)
         if not torch.isfinite(logits).any(dim=1).all() or torch.isnan(logits).any():
             raise ValueError("the gate gives NaN or no finite logit on a canary batch; not published")
+
+
+async def _canary_expert(client: ExpertClient, card: ExpertCard) -> None:
+    """Prove a new expert before it is routed: probe rows at low, middle and high noise, with and without a
+    condition, must come back with the input's shape and finite. A ValueError (HTTP 400) naming what failed."""
+    x, sigma, conds = _probe(card)
+    for cond in conds:
+        try:
+            out = (await client.infer(x, sigma, cond, 60.0)).x0_hat
+        except ExpertCallError as e:
+            raise ValueError(f"path: expert {card.name!r} failed its canary call: {e}") from None
+        if tuple(out.shape) != tuple(x.shape) or not torch.isfinite(out).all():
+            bad = "non-finite" if tuple(out.shape) == tuple(x.shape) else f"shape {list(out.shape)}"
+            which = "without" if cond is None else "with"
+            raise ValueError(
+                f"path: expert {card.name!r} answered its canary pass ({which} a condition, sigma 0.01 / 1 / 80) "
+                f"with {bad} x0_hat; it is not routed"
+            )

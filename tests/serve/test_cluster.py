@@ -524,3 +524,28 @@ def test_the_grpc_transport_is_exact_fails_no_request_and_reports_its_time(clust
             name=APP_NAME,
             route_prefix="/",
         )
+
+
+def test_an_expert_with_nan_weights_is_refused_by_its_canary_pass(cluster) -> None:  # noqa: ANN001
+    """Its safetensors are valid, so it loads; before, it was accepted and routed (NaN images with 200, or 502s
+    beside healthy experts). Now the canary pass in its own replica refuses it and the add is rolled back."""
+    from ray import serve
+    from safetensors.torch import load_file, save_file
+
+    sc, model = cluster
+    path = make_expert(model / "experts", "nanw", [3], seed=11)
+    state = load_file(str(path / "model.safetensors"))
+    key = next(k for k, v in state.items() if v.ndim == 4)
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, str(path / "model.safetensors"))
+    url = f"{sc.http_url}/v1/experts"
+    before = httpx.get(url).json()
+    r = httpx.post(url, json={"path": "nanw"}, headers=AUTH, timeout=300)
+    assert r.status_code == 400 and "canary" in r.json()["detail"] and "non-finite" in r.json()["detail"], (
+        r.text
+    )
+    after = httpx.get(url).json()
+    assert [e["name"] for e in after["experts"]] == [e["name"] for e in before["experts"]]
+    assert "expert-nanw" not in serve.status().applications
+    ok = post(sc.http_url, {"prompt": 3, "num_images": 1, "seed": 0, "output": "json"})
+    assert ok.status_code == 200 and torch.isfinite(images_of(ok)).all()

@@ -68,6 +68,13 @@ class ExpertDeployment(BaseModel):
         pattern=r"^(cpu|cuda(:[0-9]{1,2})?)$",
         description="'cpu', 'cuda' or 'cuda:N'; default: MODE_RAY_DEVICE, else cuda when the replica has a GPU",
     )
+    graceful_shutdown_timeout_s: float = Field(
+        5.0,
+        ge=0,
+        le=600,
+        description="how long a stopping replica may finish its calls (the router drains an expert before it "
+        "deletes it, so calls are short; Serve's default of 20 s made every removal take 20 s)",
+    )
     emulate: EmulatedLatency | None = Field(None, description="benchmarks: a fixed-latency stand-in expert")
     resources: dict[str, float] = Field(
         default_factory=dict,
@@ -96,6 +103,7 @@ class ExpertDeployment(BaseModel):
             "autoscaling_config": autoscaling,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
             "ray_actor_options": {
                 "num_cpus": self.num_cpus,
                 "num_gpus": self.num_gpus,

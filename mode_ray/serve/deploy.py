@@ -16,6 +16,7 @@ from ray import serve
 from mode_ray.models.card import format_validation_error
 from mode_ray.models.checkpoint import load_card
 from mode_ray.serve.config import ExpertDeployment, expert_app_name, expert_route_prefix
+from mode_ray.serve.errors import AddCancelled
 from mode_ray.serve.expert_server import ExpertServer
 
 logger = logging.getLogger("ray.serve")
@@ -82,6 +83,7 @@ def deploy_expert(
     wait_s: float = 120.0,
     *,
     delete_on_failure: bool = True,
+    cancelled: threading.Event | None = None,
 ) -> str:
     """Deploy (or redeploy) the expert in `expert_dir` as its own Serve application; wait until RUNNING.
 
@@ -111,6 +113,13 @@ def deploy_expert(
             )
             return app_name
         elapsed = time.monotonic() - started
+        if cancelled is not None and cancelled.is_set():  # a DELETE of this expert while it deploys
+            if not existed:
+                with SERVE_API_LOCK:
+                    serve.delete(app_name)
+            raise AddCancelled(
+                f"the add of expert {card.name!r} was cancelled by a DELETE after {elapsed:.1f}s"
+            )
         if state in ("DEPLOY_FAILED", "MISSING", "DELETING") or elapsed > wait_s:
             break
         time.sleep(0.25)

@@ -20,6 +20,10 @@ class ExpertCallError(RuntimeError):
         return (type(self), (self.details, self.code))
 
 
+class AddCancelled(FileExistsError):
+    """A hot-add cancelled by a DELETE of the same expert before it was published (HTTP 409)."""
+
+
 class Overloaded(RuntimeError):
     """The engine's queue is full (HTTP 503 / gRPC RESOURCE_EXHAUSTED)."""
 

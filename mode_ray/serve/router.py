@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from mode_ray.models.checkpoint import CheckpointError, load_card, load_expert
 from mode_ray.routing.gates import Gate
 from mode_ray.serve.config import AppArgs, ExpertDeployment, expert_app_name
 from mode_ray.serve.engine import StepEngine
-from mode_ray.serve.errors import ExpertCallError
+from mode_ray.serve.errors import AddCancelled, ExpertCallError
 from mode_ray.serve.registry import ExpertEntry, Registry, Snapshot
 from mode_ray.serve.transport import ExpertClient, client_for
 
@@ -67,6 +68,7 @@ class Router:
             self.config.gate, self.args.model_dir, Path(published) if published else None
         )
         self._clients: dict[str, ExpertClient] = {}
+        self._adding: dict[str, tuple[asyncio.Task, threading.Event]] = {}  # hot-adds in progress
         self.engine = StepEngine(self.config, self.args.router, self._client)
         self._lock = asyncio.Lock()
         self._started = asyncio.get_running_loop().create_task(self._start())
@@ -107,36 +109,48 @@ class Router:
                 await self._teardown(e)
 
     async def _bring_up(
-        self, entry: ExpertEntry, deployment: ExpertDeployment | None = None, canary: bool = False
+        self,
+        entry: ExpertEntry,
+        deployment: ExpertDeployment | None = None,
+        canary: bool = False,
+        cancelled: threading.Event | None = None,
     ) -> None:
         """Deploy (if served here), wait for ModelReady, optionally prove it with a canary pass, then publish
-        it as ready (a new registry version)."""
+        it as ready (a new registry version). `cancelled` (set by a DELETE) stops it with AddCancelled."""
+
+        def check() -> None:
+            if cancelled is not None and cancelled.is_set():
+                raise AddCancelled(f"the add of expert {entry.name!r} was cancelled by a DELETE")
+
         if entry.endpoint == "serve":
             if entry.path is None:
                 raise CheckpointError(f"expert {entry.name!r} has no path to deploy from")
-            await asyncio.to_thread(
-                self._deploy, Path(entry.path), deployment or self.args.deployment_for(entry.name), entry.name
-            )
+            config = deployment or self.args.deployment_for(entry.name)
+            await asyncio.to_thread(self._deploy, Path(entry.path), config, entry.name, cancelled)
         client = self._client(entry.name)
         deadline = time.monotonic() + 180
         while not await client.ready(timeout=5):
+            check()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"expert {entry.name!r} did not report ModelReady within 180 s")
             await asyncio.sleep(0.5)
         if canary:
             await _canary_expert(client, entry.card)
+        check()
         self.registry.set_state(entry.name, "ready")
         log.info("expert %s ready (registry version %d)", entry.name, self.registry.version)
 
     @staticmethod
-    def _deploy(path: Path, deployment: ExpertDeployment, name: str) -> None:
+    def _deploy(
+        path: Path, deployment: ExpertDeployment, name: str, cancelled: threading.Event | None = None
+    ) -> None:
         """Deploy unless the app is already RUNNING (a router restart must not restart healthy experts)."""
         from mode_ray.serve.deploy import deploy_expert, serve_status
 
         status = serve_status().applications.get(expert_app_name(name))
         if status is not None and status.status.value == "RUNNING":
             return
-        deploy_expert(path, deployment)
+        deploy_expert(path, deployment, cancelled=cancelled)
 
     async def _teardown(self, entry: ExpertEntry) -> None:
         if entry.endpoint == "serve":
@@ -222,16 +236,32 @@ class Router:
                 name=card.name, version=card.version, card=card, path=str(path), endpoint=request.endpoint
             )
             self.registry.upsert(entry)
+        cancelled = threading.Event()
+        task = asyncio.ensure_future(self._bring_up(entry, request.deployment, True, cancelled))
+        self._adding[card.name] = (task, cancelled)
         try:
-            await self._bring_up(entry, request.deployment, canary=True)
+            await task
         except BaseException:
             await self._teardown(entry)
             raise
+        finally:
+            self._adding.pop(card.name, None)
         return {"name": card.name, "registry_version": self.registry.version, "state": "ready"}
 
     async def remove_expert(self, name: str, drain_timeout_s: float = 300.0) -> dict:
         """Stop routing new requests to `name`, wait for requests that may use it, then delete its app."""
         await asyncio.shield(self._started)
+        adding = self._adding.get(name)
+        if adding is not None:  # DELETE during an add: cancel the add, which rolls itself back
+            task, cancelled = adding
+            cancelled.set()
+            await asyncio.wait({task}, timeout=drain_timeout_s)
+            return {
+                "name": name,
+                "registry_version": self.registry.version,
+                "state": "removed",
+                "add": "cancelled",
+            }
         async with self._lock:
             entry = self.registry.get(name)
             if entry is None:

@@ -549,3 +549,30 @@ def test_an_expert_with_nan_weights_is_refused_by_its_canary_pass(cluster) -> No
     assert "expert-nanw" not in serve.status().applications
     ok = post(sc.http_url, {"prompt": 3, "num_images": 1, "seed": 0, "output": "json"})
     assert ok.status_code == 200 and torch.isfinite(images_of(ok)).all()
+
+
+def test_delete_during_an_add_cancels_the_add(cluster) -> None:  # noqa: ANN001
+    """The add asks for a resource no node has, so its replica can never start: a DELETE meanwhile cancels it
+    (before, the add ended in a 500, or hung until its 120 s deploy timeout)."""
+    from ray import serve
+
+    sc, model = cluster
+    make_expert(model / "experts", "stuck", [2], seed=12)
+    url = f"{sc.http_url}/v1/experts"
+
+    def names() -> list[str]:
+        return [e["name"] for e in httpx.get(url).json()["experts"]]
+
+    body = {"path": "stuck", "deployment": {"num_cpus": 0, "resources": {"no-such-resource": 1}}}
+    with ThreadPoolExecutor(1) as pool:
+        adding = pool.submit(httpx.post, url, json=body, headers=AUTH, timeout=300)
+        started = time.monotonic()
+        while "stuck" not in names():  # registered as deploying: the add is under way
+            assert time.monotonic() - started < 60 and not adding.done(), "the add never started"
+        t0 = time.monotonic()
+        removed = httpx.delete(f"{url}/stuck", headers=AUTH, timeout=300)
+        added = adding.result(timeout=120)
+        print(f"\n[cluster] add registered after {t0 - started:.2f} s; DELETE took {time.monotonic() - t0:.2f} s")
+    assert removed.status_code == 200 and removed.json()["add"] == "cancelled", removed.text
+    assert added.status_code == 409 and "cancelled by a DELETE" in added.json()["detail"], added.text
+    assert "stuck" not in names() and "expert-stuck" not in serve.status().applications

@@ -572,7 +572,9 @@ def test_delete_during_an_add_cancels_the_add(cluster) -> None:  # noqa: ANN001
         t0 = time.monotonic()
         removed = httpx.delete(f"{url}/stuck", headers=AUTH, timeout=300)
         added = adding.result(timeout=120)
-        print(f"\n[cluster] add registered after {t0 - started:.2f} s; DELETE took {time.monotonic() - t0:.2f} s")
+        print(
+            f"\n[cluster] add registered after {t0 - started:.2f} s; DELETE took {time.monotonic() - t0:.2f} s"
+        )
     assert removed.status_code == 200 and removed.json()["add"] == "cancelled", removed.text
     assert added.status_code == 409 and "cancelled by a DELETE" in added.json()["detail"], added.text
     assert "stuck" not in names() and "expert-stuck" not in serve.status().applications

@@ -40,6 +40,7 @@ from mode_ray.models.card import ExpertCard
 from mode_ray.models.checkpoint import Expert, load_card, load_expert
 from mode_ray.models.emulated import EmulatedDenoiser
 from mode_ray.proto.inference import grpc_predict_v2_pb2 as pb
+from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
 from mode_ray.serve.errors import ExpertCallError
 from mode_ray.serve.metrics import ExpertMetrics
 from mode_ray.serve.oip import OipError, datatype_of, decode_infer_request, encode_infer_response
@@ -268,6 +269,22 @@ class ExpertServer:
             return np.zeros((0, *self._latent_shape), out_dtype), {}
         result = await self._infer_batch(call)
         return result.x0_hat.astype(out_dtype, copy=False), result.parameters()
+
+    # The generation API asked of an expert by mistake: UNIMPLEMENTED with the way there (without these
+    # methods Serve answers INTERNAL with a Ray traceback).
+    def _not_generation(self, grpc_context: Any, response: Any) -> Any:
+        error = ExpertCallError(
+            f"this is expert {self.name!r} (inference.GRPCInferenceService); generation is "
+            "mode_ray.v1.GenerationService with metadata application=mode-ray",
+            grpc.StatusCode.UNIMPLEMENTED,
+        )
+        return self._fail(grpc_context, error, lambda: response)
+
+    async def Generate(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return self._not_generation(grpc_context, gen.GenerateResponse())
+
+    async def ListExperts(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return self._not_generation(grpc_context, gen.ListExpertsResponse())
 
     # ------------------------------------------------------------------------------------------------------
     # validation

@@ -18,6 +18,7 @@ from ray import serve
 from mode_ray import env
 from mode_ray.generation import DEFAULT_NUM_IMAGES, GenerateParams, GenerationResult, Progress
 from mode_ray.models.card import shown
+from mode_ray.proto.inference import grpc_predict_v2_pb2 as oip
 from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
 from mode_ray.serve.errors import DeadlineExceeded, GenerationFailed, Overloaded
 
@@ -214,6 +215,25 @@ class Ingress:
         status = _classify(e, GRPC_STATUS) or grpc.StatusCode.INTERNAL
         context.set_code(status)
         context.set_details(_message(e))
+
+    # The OIP methods of an expert, asked of this application by mistake: UNIMPLEMENTED with the way there
+    # (without them Serve answers INTERNAL with a Ray traceback).
+    def _not_an_expert(self, grpc_context: Any, response: Any) -> Any:
+        grpc_context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        grpc_context.set_details(
+            "this is the generation application (mode_ray.v1.GenerationService); an expert answers OIP with "
+            "metadata application=expert-<name> (ListExperts or GET /v1/experts lists them)"
+        )
+        return response
+
+    async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return self._not_an_expert(grpc_context, oip.ModelInferResponse())
+
+    async def ModelMetadata(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return self._not_an_expert(grpc_context, oip.ModelMetadataResponse())
+
+    async def ModelReady(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return self._not_an_expert(grpc_context, oip.ModelReadyResponse())
 
     async def Generate(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - gRPC method name
         try:

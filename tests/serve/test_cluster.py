@@ -206,9 +206,24 @@ def test_oip_model_infer_straight_to_an_expert(cluster) -> None:  # noqa: ANN001
             await stub.ModelInfer(
                 encode_infer_request("a", {"x": x, "sigma": sigma}), metadata=(("application", "expert-b"),)
             )
-        return ok, err.value
+        with pytest.raises(grpc.aio.AioRpcError) as wrong_app:  # OIP asked of the generation app
+            await stub.ModelInfer(
+                encode_infer_request("b", {"x": x, "sigma": sigma}), metadata=(("application", APP_NAME),)
+            )
+        with pytest.raises(grpc.aio.AioRpcError) as wrong_api:  # generation asked of an expert
+            await gen_grpc.GenerationServiceStub(channel).Generate(
+                gen.GenerateRequest(prompt="1"), metadata=(("application", "expert-b"),)
+            )
+        return ok, err.value, wrong_app.value, wrong_api.value
 
-    ok, err = grpc_call(sc.grpc_target, calls)
+    ok, err, wrong_app, wrong_api = grpc_call(sc.grpc_target, calls)
+    # was INTERNAL with a Ray traceback in the details
+    assert (
+        wrong_app.code() == grpc.StatusCode.UNIMPLEMENTED
+        and "application=expert-<name>" in wrong_app.details()
+    )
+    assert wrong_api.code() == grpc.StatusCode.UNIMPLEMENTED and "expert 'b'" in wrong_api.details()
+    assert "Traceback" not in wrong_app.details() + wrong_api.details()
     expected = load_expert(model / "experts" / "b").denoiser(
         torch.from_numpy(x), torch.from_numpy(sigma), None
     )

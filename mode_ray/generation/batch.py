@@ -80,6 +80,7 @@ class BatchPlan:
     guided: torch.Tensor
     scale: torch.Tensor
     failed: dict[int, str]  # request index -> why it cannot be routed (it gets no rows)
+    owner: torch.Tensor  # (R',) the request index of every evaluation row
 
     @property
     def queries(self) -> int:
@@ -148,7 +149,13 @@ def plan_batch(states: Sequence[RequestState], queries: Queries, logits: torch.T
         )
     else:
         routing = base
-    return BatchPlan(x, sigma, cond, routing, dispatch(routing), spans, guided, scale, failed)
+    owner = torch.empty(len(queries.x), dtype=torch.long, device=x.device)
+    for i, (a, b) in enumerate(spans):
+        owner[a:b] = i
+    owner = torch.cat(
+        [owner, owner[guided]]
+    )  # (R',): the null-condition copies belong to their rows' request
+    return BatchPlan(x, sigma, cond, routing, dispatch(routing), spans, guided, scale, failed, owner)
 
 
 def advance_batch(
@@ -171,24 +178,20 @@ def advance_batch(
     n_q = plan.queries
     device = plan.routing.indices.device
     copy_of = torch.cat([torch.arange(n_q, device=device), plan.guided])  # (R',) each row's query row
-    owner = torch.empty(n_q, dtype=torch.long, device=device)
-    for i, (a, b) in enumerate(plan.spans):
-        owner[a:b] = i
     hit = torch.zeros_like(plan.routing.indices, dtype=torch.bool)  # (R', k) slots of failed experts
     for i, experts in failed.items():
-        mine = owner[copy_of] == i  # (R',)
+        mine = plan.owner == i  # (R',)
         for e in experts:
             hit |= mine[:, None] & (plan.routing.indices == e)
     routing, dropped = drop_slots(plan.routing, hit)  # dropped: (R',) mass each row lost
     lost: dict[int, str] = {}
     if failed:
         for row in (routing.weights.sum(dim=1) <= 0).nonzero().flatten().tolist():
-            i = int(owner[copy_of[row]])
+            i = int(plan.owner[row])
             if i not in lost:
                 names = sorted(states[i].names[e] for e in failed.get(i, ()))
-                lost[i] = (
-                    f"every chosen expert failed for row(s) {[row - plan.spans[i][0]]} (failed: {names})"
-                )
+                first = int(copy_of[row]) - plan.spans[i][0]  # the request's own row index
+                lost[i] = f"every chosen expert failed for row(s) {[first]} (failed: {names})"
     kept_rows, kept_out = {}, {}
     # rows where e was dropped (a failed call of the same request) are left out of the combine
     for e, out in outputs.items():

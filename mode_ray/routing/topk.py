@@ -31,10 +31,6 @@ class Routing:
         """(R,) row indices routed to `expert`, in increasing order (gather keeps row order)."""
         return (self.indices == expert).any(dim=1).nonzero().flatten()
 
-    def first(self, rows: int) -> Routing:
-        """The routing of the first `rows` rows (the conditional branch of a guided plan)."""
-        return self if rows == self.indices.shape[0] else Routing(self.indices[:rows], self.weights[:rows])
-
     def repeat(self, times: int) -> Routing:
         """The same routing for `times` stacked copies of the batch (the branches of guidance)."""
         return Routing(self.indices.repeat(times, 1), self.weights.repeat(times, 1))

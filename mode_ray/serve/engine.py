@@ -286,10 +286,7 @@ class StepEngine:
         for g, (group, plan) in enumerate(zip(groups, plans, strict=True)):
             if not plan.rows:
                 continue
-            owner = torch.empty(plan.queries, dtype=torch.long)
-            for i, (a, b) in enumerate(plan.spans):
-                owner[a:b] = i
-            owner = torch.cat([owner, owner[plan.guided]])  # (R',) the request of every evaluation row
+            owner = plan.owner  # (R',) the request of every evaluation row
             for e, rows in plan.rows.items():
                 name = group[0].snapshot.entries[e].name
                 who = owner[rows]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -15,6 +16,8 @@ from mode_ray.generation.bundle import MixtureConfig, encoder_for
 DEFAULT_NUM_IMAGES = 4  # the one default of HTTP, gRPC, the CLI and the Python API
 MAX_NUM_IMAGES = 256
 MAX_PROMPT_CHARS = 1000
+MAX_LISTED_EXPERTS = 256
+ExpertName = Annotated[str, Field(min_length=1, max_length=128)]
 
 
 class GenerateParams(BaseModel):
@@ -33,8 +36,12 @@ class GenerateParams(BaseModel):
     min_weight: float | None = Field(
         None, ge=0, lt=1, description="weight floor: chosen experts below this weight are not evaluated"
     )
-    experts: list[str] = Field(default_factory=list, description="pin routing to these experts")
-    exclude_experts: list[str] = Field(default_factory=list, description="never route to these experts")
+    experts: list[ExpertName] = Field(
+        default_factory=list, max_length=MAX_LISTED_EXPERTS, description="pin routing to these experts"
+    )
+    exclude_experts: list[ExpertName] = Field(
+        default_factory=list, max_length=MAX_LISTED_EXPERTS, description="never route to these experts"
+    )
 
     @field_validator("prompt")
     @classmethod

@@ -16,7 +16,7 @@ so the in-process and the served paths cannot drift apart.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -25,7 +25,7 @@ from mode_ray.generation.bundle import MixtureConfig
 from mode_ray.generation.params import GenerateParams, ResolvedRequest, resolve
 from mode_ray.generation.result import GenerationResult, StepTrace
 from mode_ray.models.card import ExpertCard
-from mode_ray.routing.step import allowed_mask
+from mode_ray.routing.step import allowed_mask, needs_guidance
 
 
 def initial_noise(seed: int, num: int, shape: tuple[int, int, int], sigma_max: float) -> torch.Tensor:
@@ -87,9 +87,49 @@ class RequestState:
     def rows(self) -> int:
         return self.req.num_images
 
+    @property
+    def total_evals(self) -> int:
+        return self.traj.total_evals
+
+    @property
+    def branches(self) -> int:
+        """Model rows per image per evaluation: 2 under classifier-free guidance (a null-condition copy)."""
+        return 2 if needs_guidance(self.cond, self.req.guidance_scale) else 1
+
+    @property
+    def cost(self) -> int:
+        """Model rows one evaluation of this request sends to the experts (before top-k): images x branches."""
+        return self.rows * self.branches
+
+    @property
+    def rows_left(self) -> int:
+        """Model rows still to evaluate (before top-k): the scheduler's measure of the work left."""
+        return self.cost * (self.total_evals - self.evals)
+
     def query(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next evaluation point: x (B, C, H, W) and sigma (B,)."""
         return self.traj.query()
+
+    def split(self, max_images: int) -> list[RequestState]:
+        """This not yet started request as independent slices of at most `max_images` images (its images
+        are independent trajectories: slice j holds images [j * max_images, ...) of the same x_T and
+        condition), so a scheduler can advance a large request a few images at a time. `merge_results` of
+        the slices' results equals this request's result."""
+        if self.evals:
+            raise ValueError("only a request that has not started can be split")
+        b = self.rows
+        if b <= max_images:
+            return [self]
+        parts = []
+        for a in range(0, b, max_images):
+            z = min(b, a + max_images)
+            cond = None if self.cond is None else self.cond[a:z]
+            req = replace(
+                self.req, num_images=z - a, cond=None if self.req.cond is None else self.req.cond[a:z]
+            )
+            traj = make_trajectory(self.req.sampler, self.traj.x[a:z], self.traj.sigmas)
+            parts.append(RequestState(req=req, names=self.names, traj=traj, cond=cond, allowed=self.allowed))
+        return parts
 
     def result(
         self,

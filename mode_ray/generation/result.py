@@ -4,13 +4,16 @@ the ingress (HTTP JSON / PNG, gRPC) and the Python client (`mode_ray.client`), w
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from mode_ray.generation.images import png_bytes
+
+TraceMode = Literal["auto", "full", "summary", "none"]
+MAX_FULL_TRACE_ROWS = 16_384  # "auto": a full trace up to this many image-evaluations, else the summary
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,23 @@ class StepTrace:
     @classmethod
     def from_dict(cls, d: dict) -> StepTrace:
         return cls(d["step"], d["sigma"], d["experts"], d["weights"], d["dropped"])
+
+    def summary(self) -> StepTrace:
+        """One row standing for all: each expert's routing weight averaged over the rows (0 where a row did
+        not choose it), heaviest first, and the mean dropped mass. Its size does not grow with the images."""
+        n = max(1, len(self.experts))
+        total: dict[str, float] = {}
+        for names, weights in zip(self.experts, self.weights, strict=True):
+            for name, w in zip(names, weights, strict=True):
+                total[name] = total.get(name, 0.0) + w
+        ranked = sorted(total.items(), key=lambda kv: -kv[1])
+        return StepTrace(
+            self.step,
+            self.sigma,
+            [[k for k, _ in ranked]],
+            [[round(v / n, 6) for _, v in ranked]],
+            [round(sum(self.dropped) / n, 6)],
+        )
 
 
 @dataclass(frozen=True)
@@ -62,6 +82,18 @@ class GenerationResult:
     registry_version: int | None = None
     seconds: float = 0.0
     timing: list[dict] | None = None
+    trace_mode: str = "full"  # "full": one trace row per image; "summary": one averaged row; "none"
+
+    def with_trace(self, mode: TraceMode) -> GenerationResult:
+        """This result with its trace as asked: "full", "summary" (`StepTrace.summary` per evaluation), "none",
+        or "auto" (full up to MAX_FULL_TRACE_ROWS image-evaluations, so a 256-image x 1000-step trace does not
+        break a client's message size limit, else the summary)."""
+        if mode == "auto":
+            mode = "full" if len(self.labels) * len(self.trace) <= MAX_FULL_TRACE_ROWS else "summary"
+        if mode == self.trace_mode or self.trace_mode != "full":
+            return self
+        trace = [] if mode == "none" else [t.summary() for t in self.trace]
+        return replace(self, trace=trace, trace_mode=mode)
 
     def png(self, nrow: int | None = None) -> bytes:
         return png_bytes(self.images, nrow)
@@ -82,6 +114,7 @@ class GenerationResult:
             "images": base64.b64encode(arr.tobytes()).decode(),
             "png": base64.b64encode(self.png()).decode(),
             "trace": [t.to_dict() for t in self.trace],
+            "trace_mode": self.trace_mode,
             "dropped_mass": self.dropped_mass,
             "registry_version": self.registry_version,
             "seconds": self.seconds,
@@ -101,4 +134,35 @@ class GenerationResult:
             registry_version=body.get("registry_version"),
             seconds=float(body.get("seconds", 0.0)),
             timing=body.get("timing"),
+            trace_mode=body.get("trace_mode", "full"),
         )
+
+
+def merge_results(parts: list[GenerationResult]) -> GenerationResult:
+    """The result of a request run as slices of its images (`RequestState.split`), in slice order: images and
+    labels concatenated, every evaluation's trace rows joined (the slices share steps and sigmas), dropped
+    mass summed. The first part's request id, version, seconds and timing stand for the whole."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    trace = [
+        StepTrace(
+            steps[0].step,
+            steps[0].sigma,
+            [row for t in steps for row in t.experts],
+            [row for t in steps for row in t.weights],
+            [d for t in steps for d in t.dropped],
+        )
+        for steps in zip(*(p.trace for p in parts), strict=True)
+    ]
+    return GenerationResult(
+        images=torch.cat([p.images for p in parts]),
+        labels=[label for p in parts for label in p.labels],
+        seed=first.seed,
+        trace=trace,
+        dropped_mass=round(sum(p.dropped_mass for p in parts), 6),
+        request_id=first.request_id,
+        registry_version=first.registry_version,
+        seconds=first.seconds,
+        timing=first.timing,
+    )

@@ -63,6 +63,17 @@ class ExpertDeployment(BaseModel):
         description="@serve.batch wait for more calls; 0: the router already merges each tick into one call "
         "per expert, and calls that arrive during a forward pass are still merged into the next",
     )
+    chunk_rows: int = Field(
+        128,
+        ge=1,
+        description="a call of more rows goes through the batch queue in chunks of this size, so that one large "
+        "direct OIP call cannot hold the expert while other calls wait",
+    )
+    max_call_rows: int = Field(
+        2048,
+        ge=1,
+        description="a call of more rows is refused (INVALID_ARGUMENT), >= the router's max_rows_per_call",
+    )
     device: str | None = Field(
         None,
         pattern=r"^(cpu|cuda(:[0-9]{1,2})?)$",
@@ -123,6 +134,28 @@ class RouterOptions(BaseModel):
         256, ge=0, description="beyond this, new requests are refused (HTTP 503)"
     )
     max_rows_per_call: int = Field(512, ge=1, description="rows sent to one expert in one ModelInfer call")
+    tick_rows: int = Field(
+        8,
+        ge=1,
+        description="model rows (images x guidance branches) of large requests per tick while a small request "
+        "(at most this many rows per evaluation) is active: small requests keep their pace beside large ones. "
+        "A tick costs a fixed part plus a part per row; set it near fixed / per-row cost (8 on CPU experts, "
+        "~200 on an H200)",
+    )
+    max_tick_rows: int = Field(
+        64, ge=1, description="model rows per tick otherwise (large requests alone run at full batch)"
+    )
+    lane_images: int = Field(
+        2,
+        ge=1,
+        description="a large request advances in lanes of at most this many images (its unit in a tick)",
+    )
+    max_request_rows: int = Field(
+        1 << 20,
+        ge=1,
+        description="refuse (HTTP 400) a request of more model rows (images x evaluations x guidance branches); "
+        "the default admits 256 images x 1000 Heun steps with guidance",
+    )
     continuous_batching: bool = Field(
         True, description="merge the rows of all active requests per expert per tick"
     )
@@ -155,6 +188,9 @@ class IngressOptions(BaseModel):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.1, ge=0)
     max_ongoing_requests: int = Field(1024, ge=1)
+    max_queued_requests: int = Field(
+        256, ge=-1, description="requests Serve's proxies queue for a busy ingress, then 503 (-1: unbounded)"
+    )
 
 
 class AppArgs(BaseModel):
@@ -182,4 +218,18 @@ class AppArgs(BaseModel):
     def _root(self) -> AppArgs:
         if self.expert_root is None:
             self.expert_root = self.model_dir / "experts"
+        if self.router.max_tick_rows < self.router.tick_rows:
+            raise ValueError(
+                f"router.max_tick_rows ({self.router.max_tick_rows}) must be >= router.tick_rows "
+                f"({self.router.tick_rows})"
+            )
+        for name, d in [
+            ("expert", self.expert),
+            *((f"expert_overrides.{k}", v) for k, v in self.expert_overrides.items()),
+        ]:
+            if d.max_call_rows < self.router.max_rows_per_call:
+                raise ValueError(
+                    f"{name}.max_call_rows ({d.max_call_rows}) must be >= router.max_rows_per_call "
+                    f"({self.router.max_rows_per_call}), or the router's own calls are refused"
+                )
         return self

@@ -1,11 +1,17 @@
 """The router's step engine: continuous batching of denoising steps across requests, per expert.
 
-Every tick, for all active requests at once (`mode_ray.generation.batch`, the same step the in-process
+Every tick, for the lanes the scheduler picks (`mode_ray.generation.batch`, the same step the in-process
 `generate_local` takes with a batch of one): one gate call -> one batch plan (top-k, guidance rows) -> one
-call per chosen expert, all in flight at once -> one combine and every request's sampler step. Finished requests leave; queued ones join the
-next tick. A failed or late expert call is retried once; then the expert is dropped for that step and the
-other weights renormalised (the dropped mass goes into the trace); a request fails only when a row loses
-every chosen expert, or when its deadline passes.
+call per chosen expert, all in flight at once -> one combine and every lane's sampler step. Finished requests
+leave; queued ones join the next tick. A failed or late expert call is retried once; then the expert is
+dropped for that step and the other weights renormalised (the dropped mass goes into the trace); a request
+fails only when a row loses every chosen expert, or when its deadline passes.
+
+Fair, cost-aware scheduling: a request's images are independent trajectories, so it is split into lanes of
+at most `lane_images` images (see `StepEngine.pick`): small requests step every tick, large ones advance a
+few lanes per tick beside them (`tick_rows`) and at full batch (`max_tick_rows`) when no small one waits. Admission checks a request's cost (images x evaluations x guidance branches) against
+`max_request_rows`, and refuses at once (503) a request that the measured throughput cannot finish within its
+deadline under fair sharing.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from mode_ray.generation import (
     prepare,
 )
 from mode_ray.generation.batch import BatchPlan, advance_batch, plan_batch, stack_queries
+from mode_ray.generation.result import merge_results
 from mode_ray.serve.config import RouterOptions
 from mode_ray.serve.errors import DeadlineExceeded, ExpertCallError, GenerationFailed, Overloaded
 from mode_ray.serve.metrics import RouterMetrics
@@ -70,15 +77,34 @@ class TickTiming:
 
 @dataclass
 class _Active:
+    """One admitted request: its lanes (slices of its images, `RequestState.split`) step independently."""
+
     id: str
-    state: RequestState
+    lanes: list[RequestState]
     snapshot: Snapshot
     deadline: float
     future: asyncio.Future
     started: float
     on_progress: Callable[[Progress], None] | None = None
-    timing: list[dict] | None = None  # per evaluation: the tick's TickTiming.to_dict(), when asked for
+    timing: list[dict] | None = None  # per tick it took part in: the tick's TickTiming.to_dict(), when asked
     cohort: int = 0  # which of the engine's out-of-phase tick loops steps it
+    reported: int = 0  # evaluations of its slowest lane already reported to on_progress
+
+    @property
+    def evals(self) -> int:
+        return min(lane.evals for lane in self.lanes)
+
+    @property
+    def rows_left(self) -> int:
+        return sum(lane.rows_left for lane in self.lanes)
+
+    @property
+    def cost(self) -> int:
+        """Model rows one evaluation of the whole request takes (all its lanes, before top-k)."""
+        return sum(lane.cost for lane in self.lanes)
+
+
+Lane = tuple[_Active, RequestState]  # a request and one of its lanes
 
 
 @dataclass
@@ -90,7 +116,7 @@ class _Call:
     client: ExpertClient
     group: int  # which version group's plan
     rows: torch.Tensor
-    parts: set[int] = field(default_factory=set)  # indices, within the group, of the requests it serves
+    parts: set[int] = field(default_factory=set)  # indices, within the group, of the lanes it serves
 
 
 class StepEngine:
@@ -103,6 +129,7 @@ class StepEngine:
         self.ticks = 0  # counters since start (benchmarks read them through Router.engine_stats)
         self.rows_sent = 0
         self.expert_busy_s: dict[str, float] = {}  # forward time the experts reported, per expert
+        self.rows_per_s: float | None = None  # throughput of full ticks (EWMA): admission's cost estimate
         self._queue: asyncio.Queue[_Active] = asyncio.Queue()
         self._active: list[_Active] = []
         self._wake = [asyncio.Event() for _ in range(options.cohorts)]
@@ -133,12 +160,15 @@ class StepEngine:
         if active + queued >= self.options.max_active_requests + self.options.max_queued_requests:
             self.metrics.requests.inc(tags={"outcome": "overloaded"})
             raise Overloaded(f"the router is at capacity ({active} active, {queued} queued); retry later")
+        state = prepare(req, self.config, snapshot.cards)
+        budget = deadline_s or self.options.default_deadline_s
+        self._admit_cost(state, budget)
         now = time.monotonic()
         item = _Active(
             id=uuid.uuid4().hex[:16],
-            state=prepare(req, self.config, snapshot.cards),
+            lanes=state.split(self.options.lane_images),
             snapshot=snapshot,
-            deadline=now + (deadline_s or self.options.default_deadline_s),
+            deadline=now + budget,
             future=asyncio.get_running_loop().create_future(),
             started=now,
             on_progress=on_progress,
@@ -159,6 +189,31 @@ class StepEngine:
                 self.metrics.requests.inc(tags={"outcome": "cancelled"})
                 item.future.cancel()  # every tick skips done futures: it leaves at the next one
             raise
+
+    def _admit_cost(self, state: RequestState, deadline_s: float) -> None:
+        """Refuse a request larger than max_request_rows (ValueError: HTTP 400), or one that the measured
+        throughput cannot finish within its deadline (Overloaded: 503 at once, not a 504 later). Under fair
+        sharing a request of cost c finishes after about (c + sum_j min(c_j, c)) / throughput, where c_j is
+        the work left of each admitted request."""
+        cost, limit = state.rows_left, self.options.max_request_rows
+        if cost > limit:
+            raise ValueError(
+                f"num_images x evaluations x guidance branches = {state.rows} x {state.total_evals} x "
+                f"{state.branches} = {cost} model rows, above this router's max_request_rows ({limit}); ask "
+                "for fewer images or steps"
+            )
+        rate = self.rows_per_s
+        if rate is None:
+            return  # nothing measured yet: admit
+        ahead = [a for a in [*self._active, *self._queue._queue] if not a.future.done()]  # type: ignore[attr-defined]
+        estimate = (cost + sum(min(a.rows_left, cost) for a in ahead)) / rate
+        if estimate > deadline_s:
+            self.metrics.requests.inc(tags={"outcome": "overloaded"})
+            raise Overloaded(
+                f"this request cannot finish within its deadline of {deadline_s:g} s: about {estimate:.0f} s "
+                f"of work beside {len(ahead)} admitted request(s) at the measured {rate:.0f} model rows/s; "
+                "retry later or allow a longer deadline_s"
+            )
 
     def _ensure_loops(self) -> None:
         loop = asyncio.get_running_loop()
@@ -193,44 +248,61 @@ class StepEngine:
                 await self._wake[cohort].wait()
                 continue
             t0 = time.perf_counter()
+            lanes = self.pick(mine)
             try:
-                await self.tick(mine)
+                await self.tick(lanes)
             except Exception as e:  # noqa: BLE001 - a bug in one tick must fail its requests, not hang them
                 for a in mine:
                     self._fail(a, GenerationFailed(f"internal error in the step engine: {e!r}"))
             self.metrics.tick_seconds.observe(time.perf_counter() - t0)
             self._active = [a for a in self._active if not a.future.done()]
 
+    # ---- scheduling -------------------------------------------------------------------------------
+    def pick(self, items: list[_Active]) -> list[Lane]:
+        """The lanes the next tick evaluates. Small requests (at most tick_rows model rows per evaluation, e.g.
+        a default 4-image request) all step every tick, up to max_tick_rows. Large ones share the rest
+        round-robin, lane by lane, each one's least advanced lanes first: what the small ones leave of
+        tick_rows while one is active, so that its ticks stay short (a tick costs a fixed part plus a part
+        per row), max_tick_rows otherwise, so that large requests alone run at full batch. The starting
+        request rotates every tick and the large ones get at least one lane a tick, so none starves."""
+        if items:
+            r = self.ticks % len(items)
+            items = items[r:] + items[:r]
+        o = self.options
+        small = [a for a in items if a.cost <= o.tick_rows]
+        large = [a for a in items if a.cost > o.tick_rows]
+        picked = _round_robin(small, o.max_tick_rows)
+        used = sum(lane.cost for _, lane in picked)
+        return picked + _round_robin(large, o.tick_rows - used if small else o.max_tick_rows)
+
     # ---- one tick ----------------------------------------------------------------------------------
-    async def tick(self, items: list[_Active]) -> TickTiming:
-        """One evaluation for every request in `items`: per registry version, one gate call and one batch plan
-        for all its requests, one call per chosen expert, one combine."""
+    async def tick(self, lanes: list[Lane]) -> TickTiming:
+        """One evaluation for every lane in `lanes`: per registry version, one gate call and one batch plan for
+        all its lanes, one call per chosen expert, one combine."""
         t0 = time.perf_counter()
         now = time.monotonic()
-        by_version: dict[int, list[_Active]] = {}
-        for a in items:
+        by_version: dict[int, list[Lane]] = {}
+        for a, lane in lanes:
             if a.future.done():
                 continue
             if now > a.deadline:
-                self._fail(
-                    a,
-                    DeadlineExceeded(f"request {a.id} passed its deadline after {a.state.evals} evaluations"),
-                )
+                why = f"request {a.id} passed its deadline after {a.evals} evaluations"
+                self._fail(a, DeadlineExceeded(why))
                 continue
-            by_version.setdefault(a.snapshot.version, []).append(a)
+            by_version.setdefault(a.snapshot.version, []).append((a, lane))
         groups = list(by_version.values())
         gated = []
         for group in groups:  # one gate call per registry version: the gate is row-wise, stacking is exact
-            q = stack_queries([a.state for a in group])
-            snapshot = group[0].snapshot
+            q = stack_queries([s for _, s in group])
+            snapshot = group[0][0].snapshot
             with torch.no_grad():
                 gated.append((q, snapshot.gate(q.x, q.sigma, q.cond, snapshot.cards)))  # (R, N)
         t_gate = time.perf_counter()
         plans: list[BatchPlan] = []
         for group, (q, logits) in zip(groups, gated, strict=True):
-            plan = plan_batch([a.state for a in group], q, logits)
+            plan = plan_batch([s for _, s in group], q, logits)
             for i, why in plan.failed.items():
-                self._fail(group[i], GenerationFailed(why))
+                self._fail(group[i][0], GenerationFailed(why))
             plans.append(plan)
         calls = self._group(groups, plans)
         t_plan = time.perf_counter()
@@ -263,7 +335,7 @@ class StepEngine:
             decode=decode,
             combine=end - t_calls,
             idle=max(0.0, (t_calls - t_plan) - encode - decode),
-            requests=sum(len(g) for g in groups),
+            requests=len({id(a) for g in groups for a, _ in g}),
             rows=sum(len(c.rows) for c in calls),
             calls=len(calls),
         )
@@ -271,14 +343,21 @@ class StepEngine:
             self.metrics.tick_phase_seconds.observe(getattr(timing, phase), tags={"phase": phase})
         self.ticks += 1
         self.rows_sent += timing.rows
-        if any(a.timing is not None for g in groups for a in g):
+        queried = sum(s.cost for g in groups for _, s in g)
+        if queried >= self.options.max_tick_rows / 2 and timing.wall > 0:  # a full tick measures throughput
+            rate = queried / timing.wall
+            self.rows_per_s = rate if self.rows_per_s is None else 0.8 * self.rows_per_s + 0.2 * rate
+        touched = {id(a): a for g in groups for a, _ in g}.values()
+        if any(a.timing is not None for a in touched):
             row = {"tick": self.ticks, **timing.to_dict()}
-            for a in (a for g in groups for a in g):
+            for a in touched:
                 if a.timing is not None:
                     a.timing.append(row)
+        for a in touched:
+            self._report(a)
         return timing
 
-    def _group(self, groups: list[list[_Active]], plans: list[BatchPlan]) -> list[_Call]:
+    def _group(self, groups: list[list[Lane]], plans: list[BatchPlan]) -> list[_Call]:
         """One call per chosen expert and version group (continuous batching), or per expert and request;
         split at max_rows_per_call."""
         calls = []
@@ -286,10 +365,12 @@ class StepEngine:
         for g, (group, plan) in enumerate(zip(groups, plans, strict=True)):
             if not plan.rows:
                 continue
-            owner = plan.owner  # (R',) the request of every evaluation row
+            owner = plan.owner  # (R',) the lane of every evaluation row
+            first: dict[int, int] = {}  # request -> its first lane in the group
+            request_of = torch.tensor([first.setdefault(id(a), i) for i, (a, _) in enumerate(group)])
             for e, rows in plan.rows.items():
-                name = group[0].snapshot.entries[e].name
-                who = owner[rows]
+                name = group[0][0].snapshot.entries[e].name
+                who = request_of[owner[rows]]
                 chunks = (
                     [rows] if self.options.continuous_batching else [rows[who == i] for i in who.unique()]
                 )
@@ -299,10 +380,10 @@ class StepEngine:
                         calls.append(_Call(name, e, self.client_for(name), g, piece, parts))
         return calls
 
-    def _timeout(self, call: _Call, groups: list[list[_Active]]) -> float:
+    def _timeout(self, call: _Call, groups: list[list[Lane]]) -> float:
         """The call's budget: the latest deadline among its requests (one near its own deadline must not cut
         the call short for the others; it fails alone at the next tick), at most call_timeout_s."""
-        remaining = max(groups[call.group][i].deadline for i in call.parts) - time.monotonic()
+        remaining = max(groups[call.group][i][0].deadline for i in call.parts) - time.monotonic()
         return max(0.05, min(self.options.call_timeout_s, remaining))
 
     async def _call_with_retry(self, call: _Call, plan: BatchPlan, timeout: float) -> ExpertReply | Exception:
@@ -326,23 +407,25 @@ class StepEngine:
 
     def _advance(
         self,
-        group: list[_Active],
+        group: list[Lane],
         plan: BatchPlan,
         outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]],
         failed: dict[int, set[int]],
     ) -> None:
-        """Combine and step the group's requests; finish those done, fail those that lost every expert."""
+        """Combine and step the group's lanes; finish the requests done, fail those that lost every expert."""
         rows = {e: torch.cat([r for r, _ in parts]) for e, parts in outputs.items()}
         x0 = {e: torch.cat([o for _, o in parts]) for e, parts in outputs.items()}
-        before = [a.state.dropped for a in group]
-        lost = advance_batch([a.state for a in group], plan, x0, failed, rows)
-        for i, a in enumerate(group):
+        states = [s for _, s in group]
+        before = [s.dropped for s in states]
+        lost = advance_batch(states, plan, x0, failed, rows)
+        for i, (a, lane) in enumerate(group):
             if i in plan.failed or a.future.done():
                 continue
             if i in lost:
                 if time.monotonic() >= a.deadline:  # its calls ran out of its own time budget
-                    why = f"request {a.id} passed its deadline after {a.state.evals} evaluations"
-                    self._fail(a, DeadlineExceeded(why))
+                    self._fail(
+                        a, DeadlineExceeded(f"request {a.id} passed its deadline after {a.evals} evaluations")
+                    )
                     continue
                 names = sorted(a.snapshot.entries[e].name for e in failed.get(i, ()))
                 self._fail(
@@ -350,17 +433,42 @@ class StepEngine:
                 )
                 continue
             for e in failed.get(i, ()):
-                share = (a.state.dropped - before[i]) / len(failed[i])
+                share = (lane.dropped - before[i]) / len(failed[i])
                 self.metrics.dropped_mass.inc(share, tags={"expert": a.snapshot.entries[e].name})
-            traj = a.state.traj
-            if a.on_progress is not None:
-                a.on_progress(Progress(traj.step, traj.steps, a.state.trace[-1].sigma))
-            if a.state.done:
-                seconds = time.monotonic() - a.started
-                self.metrics.requests.inc(tags={"outcome": "ok"})
-                a.future.set_result(a.state.result(a.id, a.snapshot.version, seconds, a.timing))
+
+    def _report(self, a: _Active) -> None:
+        """Progress when the request's slowest lane moved on; the result once every lane is done."""
+        if a.future.done():
+            return
+        slowest = min(a.lanes, key=lambda s: s.evals)
+        if a.on_progress is not None and slowest.evals > a.reported:
+            a.reported = slowest.evals
+            a.on_progress(Progress(slowest.traj.step, slowest.traj.steps, slowest.trace[-1].sigma))
+        if all(s.done for s in a.lanes):
+            seconds = time.monotonic() - a.started
+            self.metrics.requests.inc(tags={"outcome": "ok"})
+            version = a.snapshot.version
+            a.future.set_result(merge_results([s.result(a.id, version, seconds, a.timing) for s in a.lanes]))
 
     def _fail(self, a: _Active, error: Exception) -> None:
         if not a.future.done():
             self.metrics.requests.inc(tags={"outcome": type(error).__name__})
             a.future.set_exception(error)
+
+
+def _round_robin(requests: list[_Active], budget: int) -> list[Lane]:
+    """Up to `budget` model rows of lanes, one lane per request per round (each request's least advanced
+    lanes first), at least one lane when there is any."""
+    queues = [(a, sorted((s for s in a.lanes if not s.done), key=lambda s: s.evals)) for a in requests]
+    picked: list[Lane] = []
+    used = 0
+    for depth in range(max((len(q) for _, q in queues), default=0)):
+        took = False
+        for a, lanes in queues:
+            if depth < len(lanes) and (used + lanes[depth].cost <= budget or not picked):
+                picked.append((a, lanes[depth]))
+                used += lanes[depth].cost
+                took = True
+        if not took:
+            break
+    return picked

@@ -273,3 +273,62 @@ def test_a_cancelled_request_leaves_the_engine_at_the_next_tick() -> None:
 
     after = asyncio.run(asyncio.wait_for(run(), timeout=30))
     assert after <= 2  # at most the tick in flight (one call per chosen expert)
+
+
+def test_a_request_split_into_lanes_equals_the_in_process_mixture() -> None:
+    """20 images in lanes of 8 (8 + 8 + 4), at most two lanes a tick: the same images and trace as in one
+    process, every evaluation's trace holding all 20 rows in order."""
+    engine, snapshot, clients, mixture = setup(RouterOptions(lane_images=8, tick_rows=8, max_tick_rows=32))
+    p = GenerateParams(prompt=3, num_images=20, seed=7, steps=4)
+    r = asyncio.run(engine.generate(resolve(p, CONFIG), snapshot, timing=True))
+    ref = generate_local(mixture, CONFIG, p)
+    torch.testing.assert_close(r.images, ref.images, rtol=0, atol=1e-6)
+    assert [t.experts for t in r.trace] == [t.experts for t in ref.trace]
+    assert all(len(t.weights) == 20 for t in r.trace) and r.labels == [3] * 20
+    # 3 lanes x 7 evaluations, at most 2 lanes (16 rows each with guidance) a tick
+    assert engine.ticks >= 11 and max(t["rows"] for t in r.timing) <= 2 * 16 * 2
+
+
+def test_a_small_request_keeps_its_pace_beside_a_large_one() -> None:
+    """A 1-image request takes part in every tick of its life while a 64-image request is in flight, and
+    finishes first; the large one advances one lane a tick beside it and four alone (max_tick_rows 64); both
+    give their in-process images."""
+    engine, snapshot, clients, mixture = setup(RouterOptions(lane_images=8, tick_rows=8, max_tick_rows=64))
+    big = GenerateParams(prompt=1, num_images=64, seed=1, steps=6)
+    small = GenerateParams(prompt=2, num_images=1, seed=2, steps=6)
+
+    async def run():  # noqa: ANN202
+        b = asyncio.ensure_future(engine.generate(resolve(big, CONFIG), snapshot, timing=True))
+        while engine.ticks < 3:  # the large request is stepping
+            await asyncio.sleep(0)
+        s = await engine.generate(resolve(small, CONFIG), snapshot, timing=True)
+        assert not b.done()
+        return s, await b
+
+    s, b = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    assert len(s.timing) == len(s.trace) == make_evals(small)  # never skipped a tick
+    beside = [t for t in b.timing if t["requests"] == 2]
+    assert len(beside) == len(s.timing)  # the small one's ticks: one lane (16 rows) of the large one
+    alone = [t for t in b.timing if t["requests"] == 1]
+    assert max(t["rows"] for t in beside) <= (16 + 2) * 2 < min(t["rows"] for t in alone[:3])
+    torch.testing.assert_close(s.images, reference(mixture, small), rtol=0, atol=1e-6)
+    torch.testing.assert_close(b.images, reference(mixture, big), rtol=0, atol=1e-6)
+
+
+def test_admission_by_cost() -> None:
+    """A request above max_request_rows is refused naming its size; once throughput is measured, a request
+    that cannot finish within its deadline is refused at once (503), not failed at the deadline."""
+    engine, snapshot, clients, _ = setup(RouterOptions(max_request_rows=1000))
+    too_big = resolve(GenerateParams(prompt=0, num_images=50, seed=1, steps=6), CONFIG)  # 50 x 11 x 2
+    with pytest.raises(
+        ValueError, match=r"50 x 11 x 2 = 1100 model rows, above .* max_request_rows \(1000\)"
+    ):
+        asyncio.run(engine.generate(too_big, snapshot))
+    assert engine.rows_per_s is None
+    req = resolve(GenerateParams(prompt=0, num_images=16, seed=1, steps=6), CONFIG)  # 32 rows a tick
+    asyncio.run(engine.generate(req, snapshot))
+    assert engine.rows_per_s is not None and engine.rows_per_s > 0
+    calls = sum(c.calls for c in clients.values())
+    with pytest.raises(Overloaded, match="cannot finish within its deadline of 0.0001 s"):
+        asyncio.run(engine.generate(req, snapshot, deadline_s=1e-4))
+    assert sum(c.calls for c in clients.values()) == calls  # refused before any expert call

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -17,6 +19,8 @@ from mode_ray.models.unet import UNet, UNetConfig
 
 CARD_FILE, WEIGHTS_FILE = "expert.json", "model.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+MAX_CARD_BYTES = 1 << 20  # a card is a few KB; a bigger one is not a card
+MAX_WEIGHTS_BYTES = 64 << 30
 
 
 class CheckpointError(ValueError):
@@ -92,6 +96,70 @@ def load_card(path: str | Path) -> ExpertCard:
         raise CheckpointError(f"{path / CARD_FILE}: {format_validation_error(e, 'card')}") from None
     except (FileNotFoundError, ValueError) as e:
         raise CheckpointError(str(e)) from None
+
+
+def check_files(
+    path: Path, names: Sequence[str] = (CARD_FILE, WEIGHTS_FILE), within: Path | None = None
+) -> None:
+    """A CheckpointError unless each of `names` in the directory `path` is a regular file (not a FIFO, device
+    or directory: nothing that could block a reader), of a sane size (the card at most MAX_CARD_BYTES, weights
+    at most MAX_WEIGHTS_BYTES), and, when `within` is given, lies inside it once links are resolved (a link to
+    a file elsewhere is refused, not followed). Only stat is used: no file is opened."""
+    root = None if within is None else within.resolve()
+    for name in names:
+        f = path / name
+        try:
+            real = f.resolve(strict=True)
+            st = real.stat()
+        except FileNotFoundError:
+            raise CheckpointError(f"{f} is missing (the directory must hold {', '.join(names)})") from None
+        except (OSError, RuntimeError) as e:  # a link loop, a name too long, no permission
+            raise CheckpointError(f"{f} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+        if root is not None and not real.is_relative_to(root):
+            raise CheckpointError(f"{f} links to {real}, outside {root}; copy the file in instead")
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{f} is not a regular file")
+        limit = MAX_CARD_BYTES if name.endswith(".json") else MAX_WEIGHTS_BYTES
+        if st.st_size > limit or st.st_size == 0:
+            raise CheckpointError(f"{f} has {st.st_size} bytes; expected 1..{limit}")
+
+
+def check_expert(path: str | Path, within: Path | None = None) -> ExpertCard:
+    """Everything that can be checked of an expert directory without building or loading its model: the files
+    (`check_files`), the card, and the safetensors header (tensor names and shapes against the architecture
+    the card describes, built on the meta device: no memory, no weights read). The router runs this before it
+    deploys; the replica then loads the weights, and a canary pass proves them."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not an expert directory (expected {CARD_FILE} and {WEIGHTS_FILE})")
+    check_files(path, within=within)
+    card = load_card(path)
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build_denoiser(card).state_dict().items()}
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a config the architecture rejects
+        raise CheckpointError(f"expert {card.name!r}: backbone_config does not build a model: {e}") from None
+    try:
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"expert {card.name!r}: {path / WEIGHTS_FILE} is not a valid safetensors file ({e})"
+        ) from None
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"expert {card.name!r}: {path / WEIGHTS_FILE} missing tensors {missing[:5]}, unexpected tensors {extra[:5]}"
+        )
+    for k, shape in expected.items():
+        if found[k] != shape:
+            raise CheckpointError(
+                f"expert {card.name!r}: tensor {k!r} in {path / WEIGHTS_FILE} has shape {list(found[k])}, "
+                f"expected {list(shape)}"
+            )
+    return card
 
 
 def load_state(path: Path, expected: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:

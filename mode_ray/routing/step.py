@@ -46,9 +46,11 @@ def allowed_mask(
     names: Sequence[str], pin: Sequence[str] = (), exclude: Sequence[str] = ()
 ) -> torch.Tensor | None:
     """(N,) bool: True for experts a request may use. None when nothing is pinned or excluded."""
-    unknown = [n for n in list(pin) + list(exclude) if n not in names]
-    if unknown:
-        raise ValueError(f"experts: unknown expert(s) {sorted(set(unknown))}; registered: {list(names)}")
+    for field, given in (("experts", pin), ("exclude_experts", exclude)):
+        unknown = [n for n in given if n not in names]
+        if unknown:
+            shown = sorted({n[:80] for n in unknown})[:5]
+            raise ValueError(f"{field}: unknown expert(s) {shown}; registered: {list(names)}")
     if not pin and not exclude:
         return None
     mask = torch.tensor([(not pin or n in pin) and n not in exclude for n in names])

@@ -15,6 +15,8 @@ from mode_ray.serve.config import AppArgs
 from mode_ray.serve.ingress import Ingress
 from mode_ray.serve.router import Router
 
+ROUTER_HEADROOM = 16  # router calls beyond the engine's capacity: listing, stats, admin
+
 
 def validate_args(args: dict[str, Any] | AppArgs) -> AppArgs:
     if isinstance(args, AppArgs):
@@ -34,7 +36,13 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
             name="Router",
             num_replicas=1,  # the registry and the step engine's batching live in one replica
             ray_actor_options={"num_cpus": a.router.num_cpus},
-            max_ongoing_requests=a.router.max_active_requests + a.router.max_queued_requests + 16,
+            # the engine's own limit (active + queued) refuses first, with a 503 naming it; the headroom
+            # keeps listing, stats and admin calls answering at capacity; beyond it Serve queues a few
+            # calls, then refuses (BackPressureError: 503 / RESOURCE_EXHAUSTED), never without bound
+            max_ongoing_requests=a.router.max_active_requests
+            + a.router.max_queued_requests
+            + ROUTER_HEADROOM,
+            max_queued_requests=ROUTER_HEADROOM,
             health_check_period_s=10,
         )
         .bind(a.model_dump(mode="json"))
@@ -44,5 +52,6 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
         num_replicas=a.ingress.num_replicas,
         ray_actor_options={"num_cpus": a.ingress.num_cpus},
         max_ongoing_requests=a.ingress.max_ongoing_requests,
+        max_queued_requests=a.ingress.max_queued_requests,
     )
     return ingress.bind(router)

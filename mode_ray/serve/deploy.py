@@ -48,6 +48,8 @@ def expert_application(expert_dir: Path | str, config: ExpertDeployment) -> serv
                     config.batch_wait_timeout_s,
                     config.device,
                     emulate,
+                    config.chunk_rows,
+                    config.max_call_rows,
                 )
         except ValueError as e:  # Serve itself may be serialising a config in another thread of this process
             if "pickle by value" not in str(e) or attempt == 4:

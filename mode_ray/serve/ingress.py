@@ -6,7 +6,7 @@ turns results into PNG grids or raw arrays. All generation work happens in the r
 
 import hmac
 import json
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import grpc
 from fastapi import FastAPI, Header, HTTPException, Request
@@ -14,15 +14,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field, ValidationError
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
 from mode_ray import env
 from mode_ray.generation import DEFAULT_NUM_IMAGES, GenerateParams, GenerationResult, Progress
+from mode_ray.generation.result import TraceMode
 from mode_ray.models.card import shown
 from mode_ray.proto.inference import grpc_predict_v2_pb2 as oip
 from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
 from mode_ray.serve.errors import DeadlineExceeded, GenerationFailed, Overloaded
 
 MAX_DEADLINE_S = 3600.0
+
+
+class StreamFailed(RuntimeError):
+    """Ends a GenerateStream with the status code set on its context (see `Ingress.GenerateStream`)."""
+
+
 api = FastAPI(title="mode_ray", description="Mixture of Diffusion Experts on Ray Serve", version="0.1.0")
 
 
@@ -35,6 +43,11 @@ class GenerateBody(GenerateParams):
     )
     timing: bool = Field(
         False, description="output json: add the router's time breakdown of every evaluation (ms per phase)"
+    )
+    trace: TraceMode = Field(
+        "auto",
+        description="output json: the routing trace, 'full' (per image), 'summary' (per step), 'none', or "
+        "'auto' (full up to 16384 image-evaluations, else the summary)",
     )
 
 
@@ -59,6 +72,7 @@ HTTP_STATUS = [
     (FileExistsError, 409),
     (KeyError, 404),
     (Overloaded, 503),
+    (BackPressureError, 503),
     (DeadlineExceeded, 504),
     (TimeoutError, 504),
     (GenerationFailed, 502),
@@ -69,6 +83,7 @@ GRPC_STATUS = [
     (FileExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (KeyError, grpc.StatusCode.NOT_FOUND),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (BackPressureError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (GenerationFailed, grpc.StatusCode.UNAVAILABLE),
@@ -82,7 +97,10 @@ def _message(e: BaseException) -> str:
         return _field_errors(e)
     if isinstance(e, KeyError) and e.args:
         return str(e.args[0])
-    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    if isinstance(e, BackPressureError):
+        return "the router's queue is full; retry later"
+    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return text if len(text) <= 1000 else f"{text[:980]}... ({len(text)} chars)"  # never echo a huge input
 
 
 def _classify(e: BaseException, table: list) -> Any:
@@ -135,8 +153,11 @@ class Ingress:
 
     @api.post("/v1/generate")
     async def generate_http(self, body: GenerateBody) -> Response:
-        params = body.model_dump(by_alias=True, exclude={"output", "deadline_s", "timing"}, exclude_none=True)
-        result: GenerationResult = await self._call("generate", params, body.deadline_s, body.timing)
+        params = body.model_dump(
+            by_alias=True, exclude={"output", "deadline_s", "timing", "trace"}, exclude_none=True
+        )
+        trace = body.trace if body.output == "json" else "none"  # a PNG reply carries no trace
+        result: GenerationResult = await self._call("generate", params, body.deadline_s, body.timing, trace)
         if body.output == "json":
             return JSONResponse(result.to_json())
         headers = {
@@ -184,6 +205,8 @@ class Ingress:
             params["exclude_experts"] = list(request.exclude_experts)
         if request.output not in ("", "png", "raw"):
             raise ValueError(f"output must be 'png' or 'raw', got {request.output[:40]!r}")
+        if request.trace not in ("", *get_args(TraceMode)):
+            raise ValueError(f"trace must be one of {list(get_args(TraceMode))}, got {request.trace[:40]!r}")
         deadline = request.deadline_s if request.HasField("deadline_s") else None
         if deadline is not None and not 0 < deadline <= MAX_DEADLINE_S:  # NaN fails too
             raise ValueError(f"deadline_s must be in (0, {MAX_DEADLINE_S:g}] seconds, got {deadline!r}")
@@ -198,6 +221,7 @@ class Ingress:
             seed=r.seed,
             dropped_mass=r.dropped_mass,
             registry_version=r.registry_version or 0,
+            trace_mode=r.trace_mode,
         )
         if output == "raw":
             arr = r.raw()
@@ -238,7 +262,7 @@ class Ingress:
     async def Generate(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - gRPC method name
         try:
             params, deadline = self._grpc_params(request)
-            result = await self.router.generate.remote(params, deadline)
+            result = await self.router.generate.remote(params, deadline, False, request.trace or "auto")
             return self._grpc_response(result, request.output)
         except Exception as e:  # noqa: BLE001 - every error becomes a gRPC status
             await self._grpc_fail(grpc_context, e)
@@ -247,7 +271,8 @@ class Ingress:
     async def GenerateStream(self, request: Any, grpc_context: Any = None):  # noqa: N802, ANN201
         try:
             params, deadline = self._grpc_params(request)
-            stream = self.router.options(stream=True).generate_stream.remote(params, deadline)
+            trace = request.trace or "auto"
+            stream = self.router.options(stream=True).generate_stream.remote(params, deadline, trace)
             async for item in stream:
                 if isinstance(item, Progress):
                     yield gen.GenerateProgress(step=item.step, total_steps=item.total, sigma=item.sigma)
@@ -258,7 +283,10 @@ class Ingress:
                         result=self._grpc_response(item, request.output),
                     )
         except Exception as e:  # noqa: BLE001
+            # Serve ships the context to the client with each message; after the last one only an exception
+            # carries a status code the handler set (gRPCStatusError), so set it, then raise.
             await self._grpc_fail(grpc_context, e)
+            raise StreamFailed(_message(e)) from None
 
     async def ListExperts(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         listing = await self.router.list_experts.remote()

@@ -98,6 +98,10 @@ _CONTENT_FIELDS = (
 )
 
 
+MAX_RANK = 8
+MAX_ELEMENTS = 1 << 31  # per tensor (8 GiB of FP32, above gRPC's 2 GiB message limit anyway)
+
+
 class OipError(ValueError):
     """An OIP message (or a tensor to encode) is malformed.
 
@@ -312,6 +316,12 @@ def _decode_tensors(
         shape = [int(d) for d in tensor.shape]
         if any(d < 0 for d in shape):
             raise OipError(where, f"shape {_shape_list(shape)} has a negative dimension")
+        if len(shape) > MAX_RANK or any(d > MAX_ELEMENTS for d in shape) or math.prod(shape) > MAX_ELEMENTS:
+            raise OipError(
+                where,
+                f"shape {_shape_list(shape)[:120]} is beyond this codec's limits (rank <= {MAX_RANK}, at most "
+                f"{MAX_ELEMENTS} elements, and every dimension too, even of an empty tensor)",
+            )
         dtype = DATATYPES[tensor.datatype]
         if raw_contents:
             if tensor.HasField("contents") and any(len(getattr(tensor.contents, f)) for f in _CONTENT_FIELDS):

@@ -18,9 +18,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mode_ray.generation import GenerateParams, GenerationResult, Progress, resolve
-from mode_ray.generation.bundle import build_gate, check_condition, check_gate, load_config
+from mode_ray.generation.bundle import GATE_CARD, build_gate, check_condition, check_gate, load_config
+from mode_ray.generation.result import TraceMode
 from mode_ray.models.card import ExpertCard
-from mode_ray.models.checkpoint import CheckpointError, load_card, load_expert
+from mode_ray.models.checkpoint import (
+    CARD_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    check_expert,
+    check_files,
+    load_card,
+)
 from mode_ray.routing.gates import Gate
 from mode_ray.serve.config import AppArgs, ExpertDeployment, expert_app_name
 from mode_ray.serve.engine import StepEngine
@@ -218,10 +226,20 @@ class Router:
         """Validate, deploy, wait for ModelReady, then publish a new registry version."""
         await asyncio.shield(self._started)
         request = AddExpert.model_validate(body)
-        path = self._resolve_path(request.path)
-        card = load_card(path)
-        if request.endpoint == "serve":
-            await asyncio.to_thread(load_expert, path)  # safetensors only, names and shapes checked
+        limit = self.args.router.max_rows_per_call
+        if request.deployment is not None and request.deployment.max_call_rows < limit:
+            raise ValueError(
+                f"deployment.max_call_rows ({request.deployment.max_call_rows}) must be >= the router's "
+                f"max_rows_per_call ({limit})"
+            )
+        path = await asyncio.to_thread(self._resolve_path, request.path)  # no file I/O on the event loop
+        if (
+            request.endpoint == "serve"
+        ):  # files, card and safetensors header; the model is built in the replica
+            card = await asyncio.to_thread(check_expert, path, self._expert_root)
+        else:
+            await asyncio.to_thread(check_files, path, (CARD_FILE,), self._expert_root)
+            card = await asyncio.to_thread(load_card, path)
         ready = self.registry.snapshot()
         try:
             check_condition(self.config, card)
@@ -284,9 +302,9 @@ class Router:
         no redeploy. Requests in flight keep the gate they were admitted with."""
         await asyncio.shield(self._started)
         request = PublishGate.model_validate(body)
-        path = self._resolve_path(
-            request.path, {"the model directory": self.args.model_dir, "the expert root": self._expert_root}
-        )
+        roots = {"the model directory": self.args.model_dir, "the expert root": self._expert_root}
+        path = await asyncio.to_thread(self._resolve_path, request.path, roots)
+        await asyncio.to_thread(check_files, path, (GATE_CARD, WEIGHTS_FILE), path)
         gate = await asyncio.to_thread(build_gate, self.config.gate, self.args.model_dir, path)
         ready = self.registry.snapshot()
         try:
@@ -302,16 +320,23 @@ class Router:
 
     # ---- generation -----------------------------------------------------------------------------------
     async def generate(
-        self, params: dict, deadline_s: float | None = None, timing: bool = False
+        self,
+        params: dict,
+        deadline_s: float | None = None,
+        timing: bool = False,
+        trace: TraceMode = "auto",
     ) -> GenerationResult:
+        """The result with its trace as `trace` asks (`GenerationResult.with_trace`), cut here so that a long
+        trace never crosses to the ingress in full."""
         await asyncio.shield(self._started)
         req = resolve(GenerateParams.model_validate(params), self.config)
-        return await self.engine.generate(req, self.snapshot(), deadline_s, timing=timing)
+        result = await self.engine.generate(req, self.snapshot(), deadline_s, timing=timing)
+        return result.with_trace(trace)
 
     async def generate_stream(
-        self, params: dict, deadline_s: float | None = None
+        self, params: dict, deadline_s: float | None = None, trace: TraceMode = "auto"
     ) -> AsyncIterator[Progress | GenerationResult]:
-        """Yields Progress after every evaluation, then the GenerationResult."""
+        """Yields Progress after every evaluation of the slowest lane, then the GenerationResult."""
         await asyncio.shield(self._started)
         req = resolve(GenerateParams.model_validate(params), self.config)
         queue: asyncio.Queue[Progress] = asyncio.Queue()
@@ -323,7 +348,7 @@ class Router:
                 yield getter.result()
             else:
                 getter.cancel()
-        yield task.result()
+        yield task.result().with_trace(trace)
 
     async def engine_stats(self) -> dict:
         """Counters of the step engine since start: ticks, rows sent to experts, each expert's reported forward
@@ -336,6 +361,7 @@ class Router:
             "expert_busy_s": dict(e.expert_busy_s),
             "active": active,
             "queued": queued,
+            "rows_per_s": e.rows_per_s,
             "at": time.monotonic(),
         }
 

@@ -115,3 +115,68 @@ def test_backbone_configs_that_cannot_build_a_model_are_named(tmp_path, change: 
 def test_unet_config_validation() -> None:
     with pytest.raises(ValueError, match="divide by groups"):
         UNetConfig(channels=(10, 20))
+
+
+def test_check_expert_refuses_what_could_block_or_escape(tmp_path) -> None:  # noqa: ANN001
+    """The router's checks before a deploy: regular files only (a FIFO would block a reader), inside the
+    root (a link out is refused), sane sizes; all by stat, no file opened."""
+    import os
+
+    from mode_ray.models.checkpoint import MAX_CARD_BYTES, check_expert
+
+    root = tmp_path / "root"
+    path, _ = tiny(root)
+    assert check_expert(path, root).name == "tiny"
+    fifo = tiny(root, "fifo")[0]
+    (fifo / "expert.json").unlink()
+    os.mkfifo(fifo / "expert.json")
+    with pytest.raises(CheckpointError, match="expert.json is not a regular file"):
+        check_expert(fifo, root)
+    outside = tmp_path / "secret.json"
+    outside.write_text((path / "expert.json").read_text())
+    link = tiny(root, "link")[0]
+    (link / "expert.json").unlink()
+    (link / "expert.json").symlink_to(outside)
+    with pytest.raises(CheckpointError, match="links to .*secret.json, outside"):
+        check_expert(link, root)
+    inside = tiny(root, "inside")[0]  # a link that stays inside the root is fine
+    (inside / "model.safetensors").unlink()
+    (inside / "model.safetensors").symlink_to(path / "model.safetensors")
+    assert check_expert(inside, root).name == "inside"
+    big = tiny(root, "big")[0]
+    with open(big / "expert.json", "a") as f:
+        f.write(" " * MAX_CARD_BYTES)
+    with pytest.raises(CheckpointError, match=r"expert.json has \d+ bytes; expected 1\.\.1048576"):
+        check_expert(big, root)
+    empty = tiny(root, "empty")[0]
+    (empty / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="model.safetensors has 0 bytes"):
+        check_expert(empty, root)
+    (root / "loop").mkdir()
+    (root / "loop" / "expert.json").symlink_to(root / "loop" / "expert.json")
+    with pytest.raises(CheckpointError, match="expert.json cannot be read"):
+        check_expert(root / "loop", root)
+
+
+def test_check_expert_reads_only_the_safetensors_header(tmp_path) -> None:  # noqa: ANN001
+    """Names and shapes are checked against the card's architecture built on the meta device; a config the
+    architecture rejects is a CheckpointError, not an error from inside torch."""
+    from safetensors.torch import load_file, save_file
+
+    from mode_ray.models.checkpoint import check_expert
+
+    path, _ = tiny(tmp_path)
+    state = load_file(str(path / "model.safetensors"))
+    key = next(iter(state))
+    state[key] = torch.zeros(3, 3)
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"tensor {key!r} .* has shape \[3, 3\], expected"):
+        check_expert(path)
+    (path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(CheckpointError, match="is not a valid safetensors file"):
+        check_expert(path)
+    card = json.loads((path / "expert.json").read_text())
+    card["backbone_config"]["groups"] = 3  # 8 and 16 channels do not divide into 3 groups
+    (path / "expert.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="backbone_config"):
+        check_expert(path)

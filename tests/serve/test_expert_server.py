@@ -99,7 +99,7 @@ def test_build_expert_app_validates_args(tmp_path):
     deployment = app._bound_deployment
     assert deployment.name == "Expert-tiny"
     assert deployment.ray_actor_options["num_cpus"] == 0.5
-    assert app._bound_deployment.init_args == (str(expert_dir), 8, 0.0, None, None)
+    assert app._bound_deployment.init_args == (str(expert_dir), 8, 0.0, None, None, 128, 2048)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -242,6 +242,29 @@ def test_concurrent_calls_are_merged_and_split_back(tiny):
         merged.append(decode_parameters(resp.parameters)["batch_calls"])
     print(f"\n[expert] calls per forward pass seen by the 8 concurrent calls: {merged}")
     assert max(merged) > 1
+
+
+@pytest.mark.serve
+def test_a_large_direct_call_goes_through_in_chunks_and_a_huge_one_is_refused(tiny):
+    """A direct OIP client's big call is split into chunk_rows pieces (128 by default) that queue one after
+    another, so it cannot hold the expert for its whole length; above max_call_rows (2048) it is refused."""
+    from ray import serve
+
+    from mode_ray.serve.errors import ExpertCallError
+
+    cluster, denoiser = tiny
+    inp = _inputs(300, 5)
+
+    async def call(stub):
+        return await _infer(stub, inp)
+
+    resp = _with_stub(cluster.grpc_target, call)
+    out = decode_infer_response(resp)["x0_hat"]
+    assert np.abs(out - _reference(denoiser, inp)).max() <= 1e-5
+    assert decode_parameters(resp.parameters)["batch_rows"] == 128  # the largest forward pass it took part in
+    handle = serve.get_app_handle("expert-tiny")
+    with pytest.raises(ExpertCallError, match="2049 rows in one call; this expert takes at most 2048"):
+        handle.infer_arrays.remote(_inputs(2049, 6, cond=False)).result()
 
 
 @pytest.mark.serve

@@ -297,3 +297,17 @@ def test_generated_messages_pickle_by_absolute_module():
     msg = generation_pb2.GenerateRequest(prompt="a cat", seed=3, experts=["a"])
     again = pickle.loads(pickle.dumps(msg))
     assert again == msg and again.HasField("seed") and not again.HasField("top_k")
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [[0, 2**40, 2**40], [2**32], [1] * 9, [2**20, 2**20]],
+    ids=["empty-but-huge", "one-huge-dim", "rank-9", "too-many-elements"],
+)
+def test_error_shapes_beyond_the_codec_limits(shape) -> None:  # noqa: ANN001
+    """numpy's own 'array is too big' must never escape (it carried a traceback to the client)."""
+    req = pb.ModelInferRequest()
+    req.inputs.add(name="x", datatype="FP32", shape=shape)
+    req.raw_input_contents.append(b"")
+    with pytest.raises(OipError, match=r"^inputs\[0\] 'x': shape .* is beyond this codec's limits"):
+        decode_infer_request(req)

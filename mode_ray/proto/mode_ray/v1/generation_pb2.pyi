@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "class_label", "num_images", "steps", "sampler", "seed", "guidance_scale", "top_k", "top_p", "min_weight", "experts", "exclude_experts", "output", "deadline_s")
+    __slots__ = ("prompt", "class_label", "num_images", "steps", "sampler", "seed", "guidance_scale", "top_k", "top_p", "min_weight", "experts", "exclude_experts", "output", "deadline_s", "trace")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CLASS_LABEL_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class GenerateRequest(_message.Message):
     EXCLUDE_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     class_label: int
     num_images: int
@@ -37,10 +38,11 @@ class GenerateRequest(_message.Message):
     exclude_experts: _containers.RepeatedScalarFieldContainer[str]
     output: str
     deadline_s: float
-    def __init__(self, prompt: _Optional[str] = ..., class_label: _Optional[int] = ..., num_images: _Optional[int] = ..., steps: _Optional[int] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_weight: _Optional[float] = ..., experts: _Optional[_Iterable[str]] = ..., exclude_experts: _Optional[_Iterable[str]] = ..., output: _Optional[str] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+    trace: str
+    def __init__(self, prompt: _Optional[str] = ..., class_label: _Optional[int] = ..., num_images: _Optional[int] = ..., steps: _Optional[int] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_weight: _Optional[float] = ..., experts: _Optional[_Iterable[str]] = ..., exclude_experts: _Optional[_Iterable[str]] = ..., output: _Optional[str] = ..., deadline_s: _Optional[float] = ..., trace: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("png", "images", "shape", "labels", "trace", "request_id", "seconds", "seed", "dropped_mass", "registry_version")
+    __slots__ = ("png", "images", "shape", "labels", "trace", "request_id", "seconds", "seed", "dropped_mass", "registry_version", "trace_mode")
     PNG_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +53,7 @@ class GenerateResponse(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     DROPPED_MASS_FIELD_NUMBER: _ClassVar[int]
     REGISTRY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRACE_MODE_FIELD_NUMBER: _ClassVar[int]
     png: bytes
     images: bytes
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -61,7 +64,8 @@ class GenerateResponse(_message.Message):
     seed: int
     dropped_mass: float
     registry_version: int
-    def __init__(self, png: _Optional[bytes] = ..., images: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., trace: _Optional[_Iterable[_Union[StepTrace, _Mapping]]] = ..., request_id: _Optional[str] = ..., seconds: _Optional[float] = ..., seed: _Optional[int] = ..., dropped_mass: _Optional[float] = ..., registry_version: _Optional[int] = ...) -> None: ...
+    trace_mode: str
+    def __init__(self, png: _Optional[bytes] = ..., images: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., trace: _Optional[_Iterable[_Union[StepTrace, _Mapping]]] = ..., request_id: _Optional[str] = ..., seconds: _Optional[float] = ..., seed: _Optional[int] = ..., dropped_mass: _Optional[float] = ..., registry_version: _Optional[int] = ..., trace_mode: _Optional[str] = ...) -> None: ...
 
 class StepTrace(_message.Message):
     __slots__ = ("step", "sigma", "rows")

@@ -281,7 +281,7 @@ class StepEngine:
         all its lanes, one call per chosen expert, one combine."""
         t0 = time.perf_counter()
         now = time.monotonic()
-        by_version: dict[int, list[Lane]] = {}
+        by_version: dict[tuple[int, int], list[Lane]] = {}  # (version, gate): one plan per snapshot kind
         for a, lane in lanes:
             if a.future.done():
                 continue
@@ -289,7 +289,7 @@ class StepEngine:
                 why = f"request {a.id} passed its deadline after {a.evals} evaluations"
                 self._fail(a, DeadlineExceeded(why))
                 continue
-            by_version.setdefault(a.snapshot.version, []).append((a, lane))
+            by_version.setdefault((a.snapshot.version, id(a.snapshot.gate)), []).append((a, lane))
         groups = list(by_version.values())
         gated = []
         for group in groups:  # one gate call per registry version: the gate is row-wise, stacking is exact

@@ -1,5 +1,6 @@
 """The router deployment: holds the registry and the gate, runs the step engine, deploys and drains experts,
-publishes (extended) learned gates.
+publishes (extended) learned gates. File I/O (registry writes, expert and gate files) runs in worker threads,
+never on the event loop that ticks the engine.
 
 Experts are always deployed by the router (at start from the registry or the model directory, and on
 hot-add), so start-up, hot-add and restore after a restart are one mechanism.
@@ -103,14 +104,15 @@ class Router:
         if not self.args.restore:  # start from the model directory: forget (and undeploy) hot-added experts
             for e in self.registry.entries():
                 if e.name in self.config.experts:
-                    self.registry.remove(e.name)
+                    await asyncio.to_thread(self.registry.remove, e.name)
                 else:
                     await self._teardown(e)
         if not self.registry.entries():
             for name in self.config.experts:
                 path = self.args.model_dir / "experts" / name
-                card = load_card(path)
-                self.registry.upsert(ExpertEntry(name=name, version=card.version, card=card, path=str(path)))
+                card = await asyncio.to_thread(load_card, path)
+                entry = ExpertEntry(name=name, version=card.version, card=card, path=str(path))
+                await asyncio.to_thread(self.registry.upsert, entry)
         await asyncio.gather(*(self._bring_up(e) for e in self.registry.entries() if e.state != "draining"))
         for e in self.registry.entries():
             if e.state == "draining":  # a drain interrupted by a restart: finish it
@@ -145,7 +147,7 @@ class Router:
         if canary:
             await _canary_expert(client, entry.card)
         check()
-        self.registry.set_state(entry.name, "ready")
+        await asyncio.to_thread(self.registry.set_state, entry.name, "ready")
         log.info("expert %s ready (registry version %d)", entry.name, self.registry.version)
 
     @staticmethod
@@ -172,7 +174,7 @@ class Router:
                         serve.delete(expert_app_name(entry.name))
 
             await asyncio.to_thread(delete)
-        self.registry.remove(entry.name)
+        await asyncio.to_thread(self.registry.remove, entry.name)
         self._clients.pop(entry.name, None)
 
     async def ready(self) -> bool:
@@ -253,7 +255,7 @@ class Router:
             entry = ExpertEntry(
                 name=card.name, version=card.version, card=card, path=str(path), endpoint=request.endpoint
             )
-            self.registry.upsert(entry)
+            await asyncio.to_thread(self.registry.upsert, entry)
         cancelled = threading.Event()
         task = asyncio.ensure_future(self._bring_up(entry, request.deployment, True, cancelled))
         self._adding[card.name] = (task, cancelled)
@@ -288,7 +290,7 @@ class Router:
                 )
             if entry.state == "ready" and len(self.registry.snapshot().entries) == 1:
                 raise FileExistsError(f"{name!r} is the last ready expert; add another before removing it")
-            self.registry.set_state(name, "draining")
+            await asyncio.to_thread(self.registry.set_state, name, "draining")
         deadline = time.monotonic() + drain_timeout_s
         while self.engine.uses(name) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -314,7 +316,7 @@ class Router:
             raise ValueError(f"path: {e}") from None
         async with self._lock:
             self.gate = gate
-            version = self.registry.set_gate(str(path))
+            version = await asyncio.to_thread(self.registry.set_gate, str(path))
         log.info("learned gate %s published (registry version %d)", path, version)
         return {"gate": str(path), "registry_version": version}
 

@@ -53,6 +53,11 @@ def main() -> None:
     ap.add_argument("--experts", type=int, nargs="+", default=[4, 16])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--transports", nargs="+", default=["grpc", "handle"])
+    ap.add_argument("--cohorts", type=int, nargs="+", default=[1], help="router.cohorts values to compare")
+    ap.add_argument(
+        "--offload", nargs="+", default=["on"], choices=["on", "off"], help="router.offload values to compare"
+    )
+    ap.add_argument("--out", default="router", help="results file stem under benchmarks/results/")
     ap.add_argument("--requests", type=int, default=32, help="at least this many, and 2x the concurrency")
     ap.add_argument("--base-ms", type=float, default=2.0)
     ap.add_argument("--per-row-ms", type=float, default=0.01)
@@ -76,13 +81,15 @@ def main() -> None:
     def one(i: int) -> None:
         body = {"prompt": i % 10, "num_images": 1, "seed": i, "output": "json", "timing": True}
         r = client.post(f"{url}/v1/generate", json=body)
-        r.raise_for_status()
+        if r.status_code != 200:
+            raise RuntimeError(f"request {i}: {r.status_code} {r.text[:300]}")
         ticks.extend(r.json()["timing"])
 
     try:
         for n in args.experts:
             model = make_mixture(work, n)
-            for transport in args.transports:
+            settings = [(t, c, o) for t in args.transports for c in args.cohorts for o in args.offload]
+            for transport, cohorts, offload in settings:
                 serve.run(
                     build_app(
                         AppArgs(
@@ -95,7 +102,13 @@ def main() -> None:
                                 "max_replicas": 1,
                                 "emulate": {"base_ms": args.base_ms, "per_row_ms": args.per_row_ms},
                             },
-                            router={"num_cpus": 0.5, "transport": transport, "max_active_requests": 128},
+                            router={
+                                "num_cpus": 0.5,
+                                "transport": transport,
+                                "max_active_requests": 128,
+                                "cohorts": cohorts,
+                                "offload": offload == "on",
+                            },
                         )
                     ),
                     name=APP_NAME,
@@ -122,6 +135,8 @@ def main() -> None:
                         {
                             "experts": n,
                             "transport": transport,
+                            "cohorts": cohorts,
+                            "offload": offload,
                             "concurrency": c,
                             "requests": count,
                             "images_per_s": round(count / wall, 2),
@@ -154,12 +169,12 @@ def main() -> None:
         "requests": "one image each, heun 18 steps (35 evaluations), guidance 2, top-2, prototype + noise gate",
     }
     OUT.mkdir(exist_ok=True)
-    (OUT / "router.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (OUT / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     keys = list(rows[0])
     lines = [f"Emulated GPU experts ({meta['emulated_expert']}); {meta['requests']}; {meta['machine']}", ""]
     lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
-    (OUT / "router.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

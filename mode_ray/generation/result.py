@@ -83,6 +83,7 @@ class GenerationResult:
     seconds: float = 0.0
     timing: list[dict] | None = None
     trace_mode: str = "full"  # "full": one trace row per image; "summary": one averaged row; "none"
+    attempts: int = 1  # router replicas it ran on: > 1 when one died under it and it was run again
 
     def with_trace(self, mode: TraceMode) -> GenerationResult:
         """This result with its trace as asked: "full", "summary" (`StepTrace.summary` per evaluation), "none",
@@ -115,6 +116,7 @@ class GenerationResult:
             "png": base64.b64encode(self.png()).decode(),
             "trace": [t.to_dict() for t in self.trace],
             "trace_mode": self.trace_mode,
+            "attempts": self.attempts,
             "dropped_mass": self.dropped_mass,
             "registry_version": self.registry_version,
             "seconds": self.seconds,
@@ -135,6 +137,7 @@ class GenerationResult:
             seconds=float(body.get("seconds", 0.0)),
             timing=body.get("timing"),
             trace_mode=body.get("trace_mode", "full"),
+            attempts=int(body.get("attempts", 1)),
         )
 
 

@@ -37,12 +37,14 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
             num_replicas=1,  # the registry and the step engine's batching live in one replica
             ray_actor_options={"num_cpus": a.router.num_cpus},
             # the engine's own limit (active + queued) refuses first, with a 503 naming it; the headroom
-            # keeps listing, stats and admin calls answering at capacity; beyond it Serve queues a few
-            # calls, then refuses (BackPressureError: 503 / RESOURCE_EXHAUSTED), never without bound
+            # keeps listing, stats and admin calls answering at capacity; beyond it Serve queues a bounded
+            # number of calls, then refuses (BackPressureError: 503 / RESOURCE_EXHAUSTED)
             max_ongoing_requests=a.router.max_active_requests
             + a.router.max_queued_requests
             + ROUTER_HEADROOM,
-            max_queued_requests=ROUTER_HEADROOM,
+            # Serve counts a call as queued until a replica takes it, which a burst of arrivals is for a
+            # moment: as many as the engine can admit, then Serve's 503
+            max_queued_requests=a.router.max_active_requests + a.router.max_queued_requests,
             health_check_period_s=10,
         )
         .bind(a.model_dump(mode="json"))
@@ -54,4 +56,4 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
         max_ongoing_requests=a.ingress.max_ongoing_requests,
         max_queued_requests=a.ingress.max_queued_requests,
     )
-    return ingress.bind(router)
+    return ingress.bind(router, a.router.default_deadline_s)

@@ -143,7 +143,9 @@ class RouterOptions(BaseModel):
         "~200 on an H200)",
     )
     max_tick_rows: int = Field(
-        64, ge=1, description="model rows per tick otherwise (large requests alone run at full batch)"
+        64,
+        ge=1,
+        description="model rows of large requests per tick when no small request is active (full batch)",
     )
     lane_images: int = Field(
         2,
@@ -173,6 +175,11 @@ class RouterOptions(BaseModel):
         description="tick loops out of phase: while one cohort of requests awaits its experts, the router "
         "prepares the next (more calls per tick, less expert idle time)",
     )
+    offload: bool = Field(
+        True,
+        description="run the gate, plan and combine in a worker thread, off the event loop that sends and "
+        "receives expert calls (with cohorts > 1, one cohort's tensor work overlaps another's calls)",
+    )
     fp16_wire: bool = Field(False, description="send x as FP16 to experts (halves bytes; not bit-exact)")
     transport: Literal["grpc", "handle"] = Field(
         "handle",
@@ -189,7 +196,7 @@ class IngressOptions(BaseModel):
     num_cpus: float = Field(0.1, ge=0)
     max_ongoing_requests: int = Field(1024, ge=1)
     max_queued_requests: int = Field(
-        256, ge=-1, description="requests Serve's proxies queue for a busy ingress, then 503 (-1: unbounded)"
+        1024, ge=-1, description="requests Serve's proxies queue for a busy ingress, then 503 (-1: unbounded)"
     )
 
 

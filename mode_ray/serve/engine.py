@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -210,7 +211,7 @@ class StepEngine:
         if estimate > deadline_s:
             self.metrics.requests.inc(tags={"outcome": "overloaded"})
             raise Overloaded(
-                f"this request cannot finish within its deadline of {deadline_s:g} s: about {estimate:.0f} s "
+                f"this request cannot finish within its deadline of {deadline_s:g} s: about {estimate:.3g} s "
                 f"of work beside {len(ahead)} admitted request(s) at the measured {rate:.0f} model rows/s; "
                 "retry later or allow a longer deadline_s"
             )
@@ -260,7 +261,7 @@ class StepEngine:
     # ---- scheduling -------------------------------------------------------------------------------
     def pick(self, items: list[_Active]) -> list[Lane]:
         """The lanes the next tick evaluates. Small requests (at most tick_rows model rows per evaluation, e.g.
-        a default 4-image request) all step every tick, up to max_tick_rows. Large ones share the rest
+        a default 4-image request) all step every tick (continuous batching). Large ones share the rest
         round-robin, lane by lane, each one's least advanced lanes first: what the small ones leave of
         tick_rows while one is active, so that its ticks stay short (a tick costs a fixed part plus a part
         per row), max_tick_rows otherwise, so that large requests alone run at full batch. The starting
@@ -271,7 +272,7 @@ class StepEngine:
         o = self.options
         small = [a for a in items if a.cost <= o.tick_rows]
         large = [a for a in items if a.cost > o.tick_rows]
-        picked = _round_robin(small, o.max_tick_rows)
+        picked = [(a, lane) for a in small for lane in a.lanes if not lane.done]
         used = sum(lane.cost for _, lane in picked)
         return picked + _round_robin(large, o.tick_rows - used if small else o.max_tick_rows)
 
@@ -291,19 +292,10 @@ class StepEngine:
                 continue
             by_version.setdefault((a.snapshot.version, id(a.snapshot.gate)), []).append((a, lane))
         groups = list(by_version.values())
-        gated = []
-        for group in groups:  # one gate call per registry version: the gate is row-wise, stacking is exact
-            q = stack_queries([s for _, s in group])
-            snapshot = group[0][0].snapshot
-            with torch.no_grad():
-                gated.append((q, snapshot.gate(q.x, q.sigma, q.cond, snapshot.cards)))  # (R, N)
-        t_gate = time.perf_counter()
-        plans: list[BatchPlan] = []
-        for group, (q, logits) in zip(groups, gated, strict=True):
-            plan = plan_batch([s for _, s in group], q, logits)
+        plans, gate_s = await self._offload(_gate_and_plan, groups)
+        for group, plan in zip(groups, plans, strict=True):
             for i, why in plan.failed.items():
                 self._fail(group[i][0], GenerationFailed(why))
-            plans.append(plan)
         calls = self._group(groups, plans)
         t_plan = time.perf_counter()
         results = await asyncio.gather(
@@ -320,14 +312,15 @@ class StepEngine:
             else:
                 for i in call.parts:
                     failed[call.group].setdefault(i, set()).add(call.index)
+        settled = await self._offload(_combine, groups, plans, outputs, failed)
         for g, (group, plan) in enumerate(zip(groups, plans, strict=True)):
-            self._advance(group, plan, outputs[g], failed[g])
+            self._settle(group, plan, failed[g], *settled[g])
         end = time.perf_counter()
         encode, decode = sum(r.encode_s for r in replies), sum(r.decode_s for r in replies)
         timing = TickTiming(
             wall=end - t0,
-            gate=t_gate - t0,
-            plan=t_plan - t_gate,
+            gate=gate_s,
+            plan=t_plan - t0 - gate_s,
             encode=encode,
             wire=max((r.wire_s for r in replies), default=0.0),
             queue=max((r.queue_s for r in replies), default=0.0),
@@ -405,19 +398,22 @@ class StepEngine:
                 )
         return error
 
-    def _advance(
+    async def _offload(self, fn: Callable, *args: object) -> Any:
+        """Run the router's tensor work (gate + plan, combine + sampler steps) in a worker thread when
+        `offload` is on, so the event loop keeps sending and receiving other cohorts' calls meanwhile."""
+        if self.options.offload:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    def _settle(
         self,
         group: list[Lane],
         plan: BatchPlan,
-        outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]],
         failed: dict[int, set[int]],
+        lost: dict[int, str],
+        before: list[float],
     ) -> None:
-        """Combine and step the group's lanes; finish the requests done, fail those that lost every expert."""
-        rows = {e: torch.cat([r for r, _ in parts]) for e, parts in outputs.items()}
-        x0 = {e: torch.cat([o for _, o in parts]) for e, parts in outputs.items()}
-        states = [s for _, s in group]
-        before = [s.dropped for s in states]
-        lost = advance_batch(states, plan, x0, failed, rows)
+        """After the combine: fail the requests whose lanes lost every expert, count the dropped mass."""
         for i, (a, lane) in enumerate(group):
             if i in plan.failed or a.future.done():
                 continue
@@ -472,3 +468,39 @@ def _round_robin(requests: list[_Active], budget: int) -> list[Lane]:
         if not took:
             break
     return picked
+
+
+def _gate_and_plan(groups: list[list[Lane]]) -> tuple[list[BatchPlan], float]:
+    """Per snapshot group: one gate call over every lane's rows, one batch plan. Pure tensor work (no engine
+    state, no futures), so it may run in a worker thread. Returns the plans and the gate's seconds."""
+    t0 = time.perf_counter()
+    gated = []
+    for group in groups:  # one gate call per snapshot: the gate is row-wise, stacking is exact
+        q = stack_queries([s for _, s in group])
+        snapshot = group[0][0].snapshot
+        with torch.no_grad():
+            gated.append((q, snapshot.gate(q.x, q.sigma, q.cond, snapshot.cards)))  # (R, N)
+    gate_s = time.perf_counter() - t0
+    plans = [plan_batch([s for _, s in g], q, logits) for g, (q, logits) in zip(groups, gated, strict=True)]
+    return plans, gate_s
+
+
+def _combine(
+    groups: list[list[Lane]],
+    plans: list[BatchPlan],
+    outputs: list[dict[int, list[tuple[torch.Tensor, torch.Tensor]]]],
+    failed: list[dict[int, set[int]]],
+) -> list[tuple[dict[int, str], list[float]]]:
+    """Per group: combine the experts' outputs and take every lane's sampler step (`advance_batch`). Pure
+    tensor work on the group's lanes, which only this tick touches. Returns, per group, the lanes that lost
+    every expert (index -> why) and each lane's dropped mass before the step."""
+    settled = []
+    for group, plan, out, fail in zip(groups, plans, outputs, failed, strict=True):
+        rows = {e: torch.cat([r for r, _ in parts]) for e, parts in out.items()}
+        x0 = {e: torch.cat([o for _, o in parts]) for e, parts in out.items()}
+        states = [s for _, s in group]
+        before = [s.dropped for s in states]
+        with torch.no_grad():
+            lost = advance_batch(states, plan, x0, fail, rows)
+        settled.append((lost, before))
+    return settled

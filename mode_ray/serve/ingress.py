@@ -6,6 +6,10 @@ turns results into PNG grids or raw arrays. All generation work happens in the r
 
 import hmac
 import json
+import logging
+import random
+import time
+from dataclasses import replace
 from typing import Any, Literal, get_args
 
 import grpc
@@ -14,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field, ValidationError
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from mode_ray import env
@@ -25,6 +30,9 @@ from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
 from mode_ray.serve.errors import DeadlineExceeded, GenerationFailed, Overloaded
 
 MAX_DEADLINE_S = 3600.0
+MAX_ATTEMPTS = 3  # a request whose router replica dies runs again, at most this many times in all
+ROUTER_LOST = (RayActorError, ActorUnavailableError)  # the replica died (or is unreachable) under the call
+log = logging.getLogger("ray.serve")
 
 
 class StreamFailed(RuntimeError):
@@ -98,7 +106,7 @@ def _message(e: BaseException) -> str:
     if isinstance(e, KeyError) and e.args:
         return str(e.args[0])
     if isinstance(e, BackPressureError):
-        return "the router's queue is full; retry later"
+        return "the router is at capacity (its Serve queue is full); retry later"
     text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
     return text if len(text) <= 1000 else f"{text[:980]}... ({len(text)} chars)"  # never echo a huge input
 
@@ -116,8 +124,9 @@ def _classify(e: BaseException, table: list) -> Any:
 class Ingress:
     """Serve deployment class; bound to the router's handle by the app builder."""
 
-    def __init__(self, router: Any) -> None:
+    def __init__(self, router: Any, default_deadline_s: float = 300.0) -> None:
         self.router = router
+        self.default_deadline_s = default_deadline_s
         self.admin_token = env.admin_token()
 
     # ---- shared ----------------------------------------------------------------------------------
@@ -146,6 +155,29 @@ class Ingress:
                 raise HTTPException(500, detail=f"internal error: {_message(e)}") from None
             raise HTTPException(status, detail=_message(e)) from None
 
+    async def _generate(
+        self, params: dict, deadline_s: float | None, timing: bool, trace: str
+    ) -> GenerationResult:
+        """router.generate, run again from scratch on another (or a restarted) router replica when the one
+        running it dies, within the request's deadline. The seed is fixed here first, so every attempt gives
+        the same images; the result says how many attempts it took."""
+        params = {**params, "seed": params.get("seed", random.randrange(2**63))}
+        budget = deadline_s or self.default_deadline_s
+        started = time.monotonic()
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            left = deadline_s if attempt == 1 else budget - (time.monotonic() - started)
+            try:
+                result = await self.router.generate.remote(params, left, timing, trace)
+            except ROUTER_LOST as e:
+                if attempt == MAX_ATTEMPTS or budget - (time.monotonic() - started) < 0.5:
+                    raise GenerationFailed(
+                        f"the router replica running this request died ({attempt} attempts): {type(e).__name__}"
+                    ) from None
+                log.warning("router replica lost under a request (%s); running it again", type(e).__name__)
+                continue
+            return replace(result, attempts=attempt)
+        raise AssertionError("unreachable")
+
     # ---- HTTP ------------------------------------------------------------------------------------
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -157,7 +189,11 @@ class Ingress:
             by_alias=True, exclude={"output", "deadline_s", "timing", "trace"}, exclude_none=True
         )
         trace = body.trace if body.output == "json" else "none"  # a PNG reply carries no trace
-        result: GenerationResult = await self._call("generate", params, body.deadline_s, body.timing, trace)
+        try:
+            result = await self._generate(params, body.deadline_s, body.timing, trace)
+        except Exception as e:  # noqa: BLE001 - mapped to a status, as _call does
+            status = _classify(e, HTTP_STATUS)
+            raise HTTPException(status or 500, detail=_message(e)) from None
         if body.output == "json":
             return JSONResponse(result.to_json())
         headers = {
@@ -165,6 +201,7 @@ class Ingress:
             "X-Seed": str(result.seed),
             "X-Dropped-Mass": str(result.dropped_mass),
             "X-Registry-Version": str(result.registry_version),
+            "X-Attempts": str(result.attempts),
         }
         return Response(result.png(), media_type="image/png", headers=headers)
 
@@ -222,6 +259,7 @@ class Ingress:
             dropped_mass=r.dropped_mass,
             registry_version=r.registry_version or 0,
             trace_mode=r.trace_mode,
+            attempts=r.attempts,
         )
         if output == "raw":
             arr = r.raw()
@@ -262,7 +300,7 @@ class Ingress:
     async def Generate(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - gRPC method name
         try:
             params, deadline = self._grpc_params(request)
-            result = await self.router.generate.remote(params, deadline, False, request.trace or "auto")
+            result = await self._generate(params, deadline, False, request.trace or "auto")
             return self._grpc_response(result, request.output)
         except Exception as e:  # noqa: BLE001 - every error becomes a gRPC status
             await self._grpc_fail(grpc_context, e)
@@ -271,17 +309,34 @@ class Ingress:
     async def GenerateStream(self, request: Any, grpc_context: Any = None):  # noqa: N802, ANN201
         try:
             params, deadline = self._grpc_params(request)
+            params["seed"] = params.get("seed", random.randrange(2**63))  # every attempt, the same images
+            budget = deadline or self.default_deadline_s
+            started = time.monotonic()
             trace = request.trace or "auto"
-            stream = self.router.options(stream=True).generate_stream.remote(params, deadline, trace)
-            async for item in stream:
-                if isinstance(item, Progress):
-                    yield gen.GenerateProgress(step=item.step, total_steps=item.total, sigma=item.sigma)
-                else:
-                    yield gen.GenerateProgress(
-                        step=len(item.trace),
-                        total_steps=len(item.trace),
-                        result=self._grpc_response(item, request.output),
-                    )
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                left = deadline if attempt == 1 else budget - (time.monotonic() - started)
+                stream = self.router.options(stream=True).generate_stream.remote(params, left, trace)
+                try:
+                    async for item in stream:
+                        if isinstance(item, Progress):
+                            yield gen.GenerateProgress(
+                                step=item.step, total_steps=item.total, sigma=item.sigma
+                            )
+                        else:
+                            result = self._grpc_response(replace(item, attempts=attempt), request.output)
+                            yield gen.GenerateProgress(
+                                step=len(item.trace), total_steps=len(item.trace), result=result
+                            )
+                    return
+                except (
+                    ROUTER_LOST
+                ) as e:  # run again from scratch: progress starts over, the images are the same
+                    if attempt == MAX_ATTEMPTS or budget - (time.monotonic() - started) < 0.5:
+                        raise GenerationFailed(
+                            f"the router replica running this request died ({attempt} attempts): "
+                            f"{type(e).__name__}"
+                        ) from None
+                    log.warning("router replica lost under a stream (%s); running it again", type(e).__name__)
         except Exception as e:  # noqa: BLE001
             # Serve ships the context to the client with each message; after the last one only an exception
             # carries a status code the handler set (gRPCStatusError), so set it, then raise.

@@ -482,6 +482,39 @@ def test_registry_is_restored_after_the_router_restarts(cluster) -> None:  # noq
     assert after["registry_version"] >= before["registry_version"]
 
 
+def test_requests_whose_router_replica_dies_run_again_with_the_same_images(cluster) -> None:  # noqa: ANN001
+    """The router replica is killed while 6 requests step in it: the ingress runs each again from scratch
+    (on the restarted replica here; on another one with router replicas), within its deadline, and all 6
+    succeed with the images they would have had; the replies say it took 2 attempts. One request has no
+    seed: the ingress fixes one before the first attempt, so both attempts draw the same noise."""
+    import ray
+    from ray import serve
+
+    sc, model = cluster
+    bundle = load_bundle(model)
+    bodies = [
+        {"prompt": i, "num_images": 1, "seed": 100 + i, "steps": 60, "output": "json"} for i in range(5)
+    ]
+    bodies.append({"prompt": 5, "num_images": 1, "steps": 60, "output": "json"})
+    router = serve.get_deployment_handle("Router", app_name=APP_NAME)
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = [pool.submit(post, sc.http_url, b) for b in bodies]
+        deadline = time.monotonic() + 60
+        while router.engine_stats.remote().result()["active"] < len(bodies):  # all six are stepping
+            assert time.monotonic() < deadline, "the requests never all started"
+            time.sleep(0.02)
+        ray.kill(replica_actors(APP_NAME, "Router")[0], no_restart=False)
+        responses = [f.result() for f in futures]
+    for body, r in zip(bodies, responses, strict=True):
+        assert r.status_code == 200, r.text
+        assert r.json()["attempts"] == 2
+        params = GenerateParams(
+            **{k: v for k, v in body.items() if k not in ("output", "seed")}, seed=r.json()["seed"]
+        )
+        expected = generate_local(bundle.mixture, bundle.config, params).images
+        assert (images_of(r) - expected).abs().max() <= 1e-5
+
+
 def test_the_grpc_transport_is_exact_fails_no_request_and_reports_its_time(cluster) -> None:  # noqa: ANN001
     """The router redeployed with transport 'grpc' (OIP through the Serve gRPC proxy; the module's cluster
     uses the default, 'handle'): the same images as in-process, the same fault handling, and the per-tick

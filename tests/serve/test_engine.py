@@ -332,3 +332,19 @@ def test_admission_by_cost() -> None:
     with pytest.raises(Overloaded, match="cannot finish within its deadline of 0.0001 s"):
         asyncio.run(engine.generate(req, snapshot, deadline_s=1e-4))
     assert sum(c.calls for c in clients.values()) == calls  # refused before any expert call
+
+
+@pytest.mark.parametrize("cohorts", [1, 2])
+def test_offloading_the_tensor_work_to_a_thread_changes_no_bit(cohorts: int) -> None:
+    """The gate, plan and combine run in a worker thread by default (the event loop keeps serving other
+    cohorts' calls meanwhile); on the loop or off it, the same requests give the same bits."""
+    images = {}
+    for offload in (False, True):
+        engine, snapshot, _, _ = setup(RouterOptions(offload=offload, cohorts=cohorts))
+
+        async def run(engine=engine, snapshot=snapshot):  # noqa: ANN001, ANN202
+            return await asyncio.gather(*(engine.generate(resolve(p, CONFIG), snapshot) for p in PARAMS))
+
+        images[offload] = [r.images for r in asyncio.run(run())]
+    for off, on in zip(images[False], images[True], strict=True):
+        torch.testing.assert_close(on, off, rtol=0, atol=0)

@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument(
         "--offload", nargs="+", default=["on"], choices=["on", "off"], help="router.offload values to compare"
     )
+    ap.add_argument("--router-replicas", type=int, nargs="+", default=[1], help="router.num_replicas values")
     ap.add_argument("--out", default="router", help="results file stem under benchmarks/results/")
     ap.add_argument("--requests", type=int, default=32, help="at least this many, and 2x the concurrency")
     ap.add_argument("--base-ms", type=float, default=2.0)
@@ -88,8 +89,14 @@ def main() -> None:
     try:
         for n in args.experts:
             model = make_mixture(work, n)
-            settings = [(t, c, o) for t in args.transports for c in args.cohorts for o in args.offload]
-            for transport, cohorts, offload in settings:
+            settings = [
+                (t, c, o, r)
+                for t in args.transports
+                for c in args.cohorts
+                for o in args.offload
+                for r in args.router_replicas
+            ]
+            for transport, cohorts, offload, replicas in settings:
                 serve.run(
                     build_app(
                         AppArgs(
@@ -108,6 +115,7 @@ def main() -> None:
                                 "max_active_requests": 128,
                                 "cohorts": cohorts,
                                 "offload": offload == "on",
+                                "num_replicas": replicas,
                             },
                         )
                     ),
@@ -131,19 +139,25 @@ def main() -> None:
                         for k in after["expert_busy_s"]
                     ]
                     unique = {t["tick"]: t for t in ticks}.values()
+                    one_engine = replicas == 1  # engine_stats answers from one replica: counters only then
+
+                    def counter(key: str, after=after, before=before, span=span, one_engine=one_engine):  # noqa: ANN001, ANN202
+                        return round((after[key] - before[key]) / span, 1) if one_engine else None
+
                     rows.append(
                         {
                             "experts": n,
                             "transport": transport,
                             "cohorts": cohorts,
                             "offload": offload,
+                            "router_replicas": replicas,
                             "concurrency": c,
                             "requests": count,
                             "images_per_s": round(count / wall, 2),
-                            "ticks_per_s": round((after["ticks"] - before["ticks"]) / span, 1),
-                            "rows_per_s": round((after["rows"] - before["rows"]) / span, 1),
-                            "busy_mean": round(statistics.mean(busy), 3),
-                            "busy_min": round(min(busy), 3),
+                            "ticks_per_s": counter("ticks"),
+                            "rows_per_s": counter("rows"),
+                            "busy_mean": round(statistics.mean(busy), 3) if one_engine else None,
+                            "busy_min": round(min(busy), 3) if one_engine else None,
                             "overhead_p50_ms": round(statistics.median(t["overhead_ms"] for t in unique), 3),
                             "tick_wall_p50_ms": round(statistics.median(t["wall_ms"] for t in unique), 3),
                             "expert_p50_ms": round(statistics.median(t["expert_ms"] for t in unique), 3),

@@ -519,7 +519,15 @@ def serve(
         float, typer.Option(help="GPUs per expert replica (fractions pack experts)")
     ] = 0.0,
     max_replicas: Annotated[int, typer.Option(help="autoscaling ceiling per expert")] = 2,
-    router_cpus: Annotated[float, typer.Option(help="CPUs of the router replica")] = 0.5,
+    router_cpus: Annotated[float, typer.Option(help="CPUs of each router replica")] = 0.5,
+    router_replicas: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="router replicas (one shared registry; a request whose replica dies runs again)",
+        ),
+    ] = 1,
     fresh: Annotated[
         bool, typer.Option("--fresh", help="ignore the saved registry and start from --model")
     ] = False,
@@ -544,7 +552,7 @@ def serve(
         grpc_target=f"127.0.0.1:{grpc_port}",
         restore=not fresh,
         expert={"num_cpus": expert_cpus, "num_gpus": expert_gpus, "max_replicas": max_replicas},
-        router={"num_cpus": router_cpus},
+        router={"num_cpus": router_cpus, "num_replicas": router_replicas},
     )
     _ray(address, num_cpus)
     ray_serve.start(

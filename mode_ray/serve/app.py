@@ -34,7 +34,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
         serve.deployment(Router)
         .options(
             name="Router",
-            num_replicas=1,  # the registry and the step engine's batching live in one replica
+            num_replicas=a.router.num_replicas,  # each its own engine; the registry is shared (an actor)
             ray_actor_options={"num_cpus": a.router.num_cpus},
             # the engine's own limit (active + queued) refuses first, with a 503 naming it; the headroom
             # keeps listing, stats and admin calls answering at capacity; beyond it Serve queues a bounded

@@ -167,7 +167,14 @@ class RouterOptions(BaseModel):
     default_deadline_s: float = Field(
         300.0, gt=0, description="per-request deadline unless the request sets one"
     )
-    num_cpus: float = Field(1.0, ge=0, description="CPUs of the router replica (gate + combine + sampler)")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs of each router replica (gate + combine + sampler)")
+    num_replicas: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="router replicas, each with its own step engine, sharing one registry (an actor); a request "
+        "whose replica dies runs again on another",
+    )
     cohorts: int = Field(
         1,
         ge=1,

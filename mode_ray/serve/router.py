@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,7 +35,8 @@ from mode_ray.routing.gates import Gate
 from mode_ray.serve.config import AppArgs, ExpertDeployment, expert_app_name
 from mode_ray.serve.engine import StepEngine
 from mode_ray.serve.errors import AddCancelled, ExpertCallError
-from mode_ray.serve.registry import ExpertEntry, Registry, Snapshot
+from mode_ray.serve.registry import ExpertEntry, Snapshot
+from mode_ray.serve.shared_registry import RegistryClient
 from mode_ray.serve.transport import ExpertClient, client_for
 
 log = logging.getLogger("ray.serve")
@@ -67,21 +69,54 @@ class Router:
     async def __init__(self, args: dict) -> None:
         self.args = AppArgs.model_validate(args)
         self.config = load_config(self.args.model_dir)
-        self.registry = Registry(self.args.state_dir, set_aside_corrupt=not self.args.restore)
+        self.registry = await RegistryClient.connect(
+            self.args.state_dir, set_aside_corrupt=not self.args.restore
+        )
         if self.registry.set_aside is not None:
             log.warning("corrupt registry set aside as %s; starting from the model", self.registry.set_aside)
-        if not self.args.restore and self.registry.gate is not None:
-            self.registry.set_gate(None)  # start from the model directory: its own gate
-        published = self.registry.gate
-        self.gate: Gate = build_gate(
-            self.config.gate, self.args.model_dir, Path(published) if published else None
-        )
+        self._gate_path = self.registry.gate
+        self.gate: Gate = await asyncio.to_thread(self._build_gate, self._gate_path)
         self._clients: dict[str, ExpertClient] = {}
         self._adding: dict[str, tuple[asyncio.Task, threading.Event]] = {}  # hot-adds in progress
         self.engine = StepEngine(self.config, self.args.router, self._client)
         self._lock = asyncio.Lock()
-        self._started = asyncio.get_running_loop().create_task(self._start())
+        loop = asyncio.get_running_loop()
+        self._sync_task = loop.create_task(self._sync())  # heartbeats (startup claims need them) and news
+        self._started = loop.create_task(self._start())
         await asyncio.shield(self._started)  # the app is RUNNING only once every expert answers ModelReady
+
+    def _build_gate(self, published: str | None) -> Gate:
+        return build_gate(self.config.gate, self.args.model_dir, Path(published) if published else None)
+
+    async def _sync(self) -> None:
+        """Follow the shared registry: report this replica's version and its uses of draining experts, take
+        any newer registry (a hot-add, remove or gate published through another replica), rebuilding the gate
+        first when it changed, so that a snapshot never pairs a version with another version's gate."""
+        while True:
+            try:
+                draining = [e.name for e in self.registry.entries() if e.state == "draining"]
+                data = await self.registry.poll(
+                    {n: self.engine.uses(n) for n in draining}, sum(self.engine.load)
+                )
+                if data.version > self.registry.version:
+                    async with self._lock:
+                        await self._take(data)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the registry actor restarting: try again shortly
+                log.warning("registry sync failed (%r); retrying", e)
+                await asyncio.sleep(0.5)
+
+    async def _take(self, data: Any) -> None:
+        if data.gate != self._gate_path:
+            gate = await asyncio.to_thread(self._build_gate, data.gate)
+            if self.registry.accept(data):
+                self.gate, self._gate_path = gate, data.gate
+        else:
+            self.registry.accept(data)
+        for name in list(self._clients):  # forget the clients of removed experts
+            if self.registry.get(name) is None:
+                self._clients.pop(name, None)
 
     def snapshot(self) -> Snapshot:
         """What a request admitted now routes with: the ready experts and the live gate."""
@@ -100,11 +135,26 @@ class Router:
         return client
 
     async def _start(self) -> None:
-        """Restore the registry (re-deploying missing expert apps) or seed it from the model directory."""
+        """One replica at a time restores the shared registry (re-deploying missing expert apps) or seeds it
+        from the model directory; the others (router replicas starting beside it) wait for it to finish."""
+        if not await self.registry.actor.claim_startup.remote(self.registry.replica):
+            deadline = time.monotonic() + 600
+            while not await self.registry.actor.startup_done.remote():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no router replica finished restoring the registry within 600 s")
+                if await self.registry.actor.claim_startup.remote(self.registry.replica):
+                    break  # the replica restoring it died: take over
+                await asyncio.sleep(0.5)
+            else:
+                self.registry.accept((await self.registry.actor.read.remote())[0])
+                await self._take_gate()
+                return
         if not self.args.restore:  # start from the model directory: forget (and undeploy) hot-added experts
+            if self.registry.gate is not None:
+                await self.registry.set_gate(None)
             for e in self.registry.entries():
                 if e.name in self.config.experts:
-                    await asyncio.to_thread(self.registry.remove, e.name)
+                    await self.registry.remove(e.name)
                 else:
                     await self._teardown(e)
         if not self.registry.entries():
@@ -112,11 +162,18 @@ class Router:
                 path = self.args.model_dir / "experts" / name
                 card = await asyncio.to_thread(load_card, path)
                 entry = ExpertEntry(name=name, version=card.version, card=card, path=str(path))
-                await asyncio.to_thread(self.registry.upsert, entry)
+                await self.registry.upsert(entry)
         await asyncio.gather(*(self._bring_up(e) for e in self.registry.entries() if e.state != "draining"))
         for e in self.registry.entries():
             if e.state == "draining":  # a drain interrupted by a restart: finish it
                 await self._teardown(e)
+        await self._take_gate()
+        await self.registry.actor.finish_startup.remote(self.registry.replica)
+
+    async def _take_gate(self) -> None:
+        if self.registry.gate != self._gate_path:
+            self.gate = await asyncio.to_thread(self._build_gate, self.registry.gate)
+            self._gate_path = self.registry.gate
 
     async def _bring_up(
         self,
@@ -147,7 +204,7 @@ class Router:
         if canary:
             await _canary_expert(client, entry.card)
         check()
-        await asyncio.to_thread(self.registry.set_state, entry.name, "ready")
+        await self.registry.set_state(entry.name, "ready")
         log.info("expert %s ready (registry version %d)", entry.name, self.registry.version)
 
     @staticmethod
@@ -174,7 +231,7 @@ class Router:
                         serve.delete(expert_app_name(entry.name))
 
             await asyncio.to_thread(delete)
-        await asyncio.to_thread(self.registry.remove, entry.name)
+        await self.registry.remove(entry.name)
         self._clients.pop(entry.name, None)
 
     async def ready(self) -> bool:
@@ -249,13 +306,10 @@ class Router:
                 ready.entries[0].card.compatible_with(card)
         except ValueError as e:
             raise ValueError(f"path: {e}") from None
-        async with self._lock:
-            if self.registry.get(card.name) is not None:
-                raise FileExistsError(f"an expert named {card.name!r} is already registered")
-            entry = ExpertEntry(
-                name=card.name, version=card.version, card=card, path=str(path), endpoint=request.endpoint
-            )
-            await asyncio.to_thread(self.registry.upsert, entry)
+        entry = ExpertEntry(
+            name=card.name, version=card.version, card=card, path=str(path), endpoint=request.endpoint
+        )
+        await self.registry.add(entry)  # atomic across router replicas: FileExistsError if the name is taken
         cancelled = threading.Event()
         task = asyncio.ensure_future(self._bring_up(entry, request.deployment, True, cancelled))
         self._adding[card.name] = (task, cancelled)
@@ -290,10 +344,10 @@ class Router:
                 )
             if entry.state == "ready" and len(self.registry.snapshot().entries) == 1:
                 raise FileExistsError(f"{name!r} is the last ready expert; add another before removing it")
-            await asyncio.to_thread(self.registry.set_state, name, "draining")
-        deadline = time.monotonic() + drain_timeout_s
-        while self.engine.uses(name) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+            version = await self.registry.set_state(name, "draining")
+        # every router replica stops admitting requests to it at `version`; wait for their admitted ones
+        if not await self.registry.wait_drained(name, version, drain_timeout_s):
+            log.warning("expert %s still in use after %.0f s of draining; deleting it", name, drain_timeout_s)
         await self._teardown(entry)
         return {"name": name, "registry_version": self.registry.version, "state": "removed"}
 
@@ -315,8 +369,8 @@ class Router:
         except ValueError as e:
             raise ValueError(f"path: {e}") from None
         async with self._lock:
-            self.gate = gate
-            version = await asyncio.to_thread(self.registry.set_gate, str(path))
+            self.gate, self._gate_path = gate, str(path)
+            version = await self.registry.set_gate(str(path))
         log.info("learned gate %s published (registry version %d)", path, version)
         return {"gate": str(path), "registry_version": version}
 

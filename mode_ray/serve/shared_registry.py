@@ -1,0 +1,241 @@
+"""One registry for every router replica: a detached Ray actor owns the `Registry` (persisted atomically to the
+state directory, so it also survives the actor), and each router replica keeps a local copy that it refreshes
+by long-polling the actor (a change reaches every replica within `POLL_S`).
+
+    actor = RegistryActor (one per state directory, named, detached, 0 CPUs)
+      read / wait_newer(version)          -> RegistryFile
+      add (atomic: refuses a name that exists), upsert, set_state, remove, set_gate -> RegistryFile
+      heartbeat(replica, seen_version, uses)    every replica, every poll
+      drained(name, version)              every live replica has seen `version` and uses `name` no more
+      claim_startup / finish_startup      one replica restores or seeds the registry at a time
+
+Writes go through the actor one at a time, so two admin calls on two replicas cannot corrupt the registry or
+register (and deploy) one expert twice. A request keeps the snapshot (registry version, experts, gate) it was
+admitted with on its replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from mode_ray.serve.registry import ExpertEntry, Registry, RegistryFile, Snapshot, State
+
+POLL_S = 0.5  # the longest a replica waits for news in one poll (a change wakes it at once)
+STALE_S = 5.0  # a replica silent for this long is taken for dead (its uses no longer hold a drain)
+NAMESPACE = "mode_ray"
+
+
+class RegistryActor:
+    """The Ray actor body (threaded: long polls wait on a condition while writes go on)."""
+
+    def __init__(self, state_dir: str, set_aside_corrupt: bool = False) -> None:
+        self._cond = threading.Condition()
+        self.error: str | None = None
+        self.set_aside: str | None = None
+        try:
+            self.registry = Registry(Path(state_dir), set_aside_corrupt=set_aside_corrupt)
+            self.set_aside = None if self.registry.set_aside is None else str(self.registry.set_aside)
+        except RuntimeError as e:  # a corrupt file: reported to every router replica that asks
+            self.error = str(e)
+        self._replicas: dict[
+            str, tuple[float, int, dict[str, int], int]
+        ] = {}  # id -> (at, version, uses, active)
+        self._startup: tuple[str, bool] | None = None  # (replica, finished)
+
+    def _data(self) -> RegistryFile:
+        if self.error is not None:
+            raise RuntimeError(self.error)
+        return self.registry._data
+
+    def read(self) -> tuple[RegistryFile, str | None]:
+        """The registry, and the path a corrupt file was set aside to (None if it was not)."""
+        return self._data(), self.set_aside
+
+    def wait_newer(self, version: int, timeout: float) -> RegistryFile:
+        """The registry once its version is above `version`, or as it is after `timeout` seconds."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._data().version > version, timeout=timeout)
+            return self._data()
+
+    def _write(self, fn: Any, *args: Any) -> RegistryFile:
+        with self._cond:
+            self._data()
+            fn(*args)
+            self._cond.notify_all()
+            return self._data()
+
+    def add(self, entry: ExpertEntry) -> RegistryFile:
+        """Register a new expert; FileExistsError if the name is taken (checked and written atomically)."""
+        with self._cond:
+            if self.registry.get(entry.name) is not None:
+                raise FileExistsError(f"an expert named {entry.name!r} is already registered")
+            return self._write(self.registry.upsert, entry)
+
+    def upsert(self, entry: ExpertEntry) -> RegistryFile:
+        return self._write(self.registry.upsert, entry)
+
+    def set_state(self, name: str, state: State) -> RegistryFile:
+        return self._write(self.registry.set_state, name, state)
+
+    def remove(self, name: str) -> RegistryFile:
+        return self._write(self.registry.remove, name)
+
+    def set_gate(self, path: str | None) -> RegistryFile:
+        return self._write(self.registry.set_gate, path)
+
+    # ---- replicas ----------------------------------------------------------------------------------
+    def _live(self) -> dict[str, tuple[float, int, dict[str, int], int]]:
+        now = time.monotonic()
+        return {r: v for r, v in self._replicas.items() if now - v[0] < STALE_S}
+
+    def heartbeat(self, replica: str, version: int, uses: dict[str, int], active: int = 0) -> None:
+        """`replica` has seen registry `version`; `uses`: its admitted requests that may route to each
+        draining expert; `active`: its requests in the engine (active + queued)."""
+        with self._cond:
+            self._replicas[replica] = (time.monotonic(), version, dict(uses), active)
+
+    def leave(self, replica: str) -> None:
+        with self._cond:
+            self._replicas.pop(replica, None)
+
+    def replicas(self) -> dict[str, dict[str, int]]:
+        """Live replicas: the registry version each has seen and its requests in the engine."""
+        with self._cond:
+            return {r: {"version": v, "active": n} for r, (_, v, _, n) in self._live().items()}
+
+    def drained(self, name: str, version: int) -> bool:
+        """True once every live replica has seen `version` (where `name` is draining) and reports no
+        admitted request that may use `name`."""
+        with self._cond:
+            live = self._live().values()
+            return all(v >= version and uses.get(name, 0) == 0 for _, v, uses, _ in live)
+
+    def claim_startup(self, replica: str) -> bool:
+        """True for the replica that should restore or seed the registry now: no live replica has claimed
+        (or finished) it. A restarted replica whose peers are all dead claims it again."""
+        with self._cond:
+            live = self._live()
+            if self._startup is not None and self._startup[0] in live and self._startup[0] != replica:
+                return False
+            self._startup = (replica, False)
+            self._replicas[replica] = (time.monotonic(), self._data().version, {}, 0)
+            return True
+
+    def finish_startup(self, replica: str) -> None:
+        with self._cond:
+            self._startup = (replica, True)
+
+    def startup_done(self) -> bool:
+        with self._cond:
+            return self._startup is not None and self._startup[1]
+
+
+def actor_name(state_dir: Path) -> str:
+    """One registry actor per state directory (tests and several apps on one Ray cluster stay apart)."""
+    digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:16]
+    return f"mode-ray-registry-{digest}"
+
+
+class RegistryClient:
+    """A router replica's view of the shared registry: reads are served from a local copy (no remote call on
+    the request path), writes go to the actor and update the copy with the result."""
+
+    def __init__(self, actor: Any, data: RegistryFile, set_aside: str | None) -> None:
+        self.actor = actor
+        self.replica = uuid.uuid4().hex[:12]
+        self._data = data
+        self.set_aside = set_aside
+
+    @classmethod
+    async def connect(cls, state_dir: Path, set_aside_corrupt: bool) -> RegistryClient:
+        """Get or create the registry actor of `state_dir` (detached, on this node when it can be); a
+        RuntimeError naming the problem when the registry file is corrupt."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = ray.get_runtime_context().get_node_id()
+        actor = (
+            ray.remote(RegistryActor)
+            .options(
+                name=actor_name(state_dir),
+                namespace=NAMESPACE,
+                lifetime="detached",
+                get_if_exists=True,
+                max_restarts=-1,  # restarted (reloading registry.json) if its process or node dies
+                num_cpus=0,
+                max_concurrency=64,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+            )
+            .remote(str(state_dir), set_aside_corrupt)
+        )
+        try:
+            data, set_aside = await actor.read.remote()
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            raise RuntimeError(str(cause) if cause else str(e)) from None
+        return cls(actor, data, set_aside)
+
+    # ---- reads (local) -------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self._data.version
+
+    @property
+    def gate(self) -> str | None:
+        return self._data.gate
+
+    def entries(self) -> list[ExpertEntry]:
+        return [e.model_copy() for e in self._data.experts]
+
+    def get(self, name: str) -> ExpertEntry | None:
+        return next((e.model_copy() for e in self._data.experts if e.name == name), None)
+
+    def snapshot(self, gate: Any = None) -> Snapshot:
+        return Snapshot(self._data.version, tuple(e for e in self._data.experts if e.state == "ready"), gate)
+
+    def accept(self, data: RegistryFile) -> bool:
+        """Take a newer registry (from a write or a poll); True if it was newer."""
+        if data.version <= self._data.version:
+            return False
+        self._data = data
+        return True
+
+    # ---- writes (through the actor) ------------------------------------------------------------------
+    async def _write(self, method: str, *args: Any) -> int:
+        self.accept(await getattr(self.actor, method).remote(*args))
+        return self._data.version
+
+    async def add(self, entry: ExpertEntry) -> int:
+        return await self._write("add", entry)
+
+    async def upsert(self, entry: ExpertEntry) -> int:
+        return await self._write("upsert", entry)
+
+    async def set_state(self, name: str, state: State) -> int:
+        return await self._write("set_state", name, state)
+
+    async def remove(self, name: str) -> int:
+        return await self._write("remove", name)
+
+    async def set_gate(self, path: str | None) -> int:
+        return await self._write("set_gate", path)
+
+    # ---- replicas ----------------------------------------------------------------------------------
+    async def poll(self, uses: dict[str, int], active: int) -> RegistryFile:
+        """Report this replica's state, then wait (up to POLL_S) for a newer registry than the local one."""
+        await self.actor.heartbeat.remote(self.replica, self._data.version, uses, active)
+        return await self.actor.wait_newer.remote(self._data.version, POLL_S)
+
+    async def wait_drained(self, name: str, version: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not await self.actor.drained.remote(name, version):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True

@@ -423,7 +423,9 @@ def eval_cmd(
     typer.echo(markdown_table(results))
 
 
-experts_app = typer.Typer(help="List, hot-add and remove experts of a running cluster.", no_args_is_help=True)
+experts_app = typer.Typer(
+    help="List, hot-add, replace and remove experts of a running cluster.", no_args_is_help=True
+)
 app.add_typer(experts_app, name="experts")
 Url = Annotated[str, typer.Option(help="the cluster's HTTP address")]
 Token = Annotated[
@@ -473,6 +475,20 @@ def experts_add(
     from mode_ray.client import add_expert
 
     _cluster(lambda: add_expert(url, path, token, endpoint))
+
+
+@experts_app.command("replace")
+def experts_replace(
+    name: Annotated[str, typer.Argument(help="expert name")],
+    path: Annotated[str, typer.Argument(help="directory of the new version (under the expert root)")],
+    url: Url = "http://127.0.0.1:8000",
+    token: Token = None,
+) -> None:
+    """Replace an expert with zero failed requests: the new version is deployed beside the old, proven and
+    published; requests admitted before keep the old one, which is drained and deleted."""
+    from mode_ray.client import replace_expert
+
+    _cluster(lambda: replace_expert(url, name, path, token))
 
 
 @experts_app.command("remove")

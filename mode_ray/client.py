@@ -55,6 +55,14 @@ def add_expert(
     return _send("POST", f"{url.rstrip('/')}/v1/experts", json=body, headers=_auth(token), timeout=timeout)
 
 
+def replace_expert(url: str, name: str, path: str, token: str | None, timeout: float = 600.0) -> dict:
+    """Deploy a new version of `name` from `path` beside the old one, switch to it, drain and delete the old."""
+    body = {"path": path}
+    return _send(
+        "PUT", f"{url.rstrip('/')}/v1/experts/{name}", json=body, headers=_auth(token), timeout=timeout
+    )
+
+
 def remove_expert(url: str, name: str, token: str | None, timeout: float = 600.0) -> dict:
     return _send("DELETE", f"{url.rstrip('/')}/v1/experts/{name}", headers=_auth(token), timeout=timeout)
 

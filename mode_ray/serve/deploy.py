@@ -86,23 +86,26 @@ def deploy_expert(
     *,
     delete_on_failure: bool = True,
     cancelled: threading.Event | None = None,
+    app: str | None = None,
 ) -> str:
     """Deploy (or redeploy) the expert in `expert_dir` as its own Serve application; wait until RUNNING.
 
-    Other applications are left alone (the application is always named). Returns the application name.
+    Other applications are left alone (the application is always named: `app`, default expert-<card name>).
+    Returns the application name.
     Raises RuntimeError if Serve gives up on it (DEPLOY_FAILED, e.g. the replicas cannot load the checkpoint)
     and TimeoutError if it is not RUNNING after `wait_s` (e.g. no node has the CPUs/GPUs it asks for); both
     carry Serve's status messages. With `delete_on_failure`, an application this call created is deleted
     again on failure; a pre-existing one is never deleted (Serve keeps its old replicas in a failed update).
     """
     card = load_card(expert_dir)
-    app_name = expert_app_name(card.name)
+    app_name = app or expert_app_name(card.name)
+    prefix = expert_route_prefix(card.name) if app is None else f"/experts/{app_name}"
     existed = app_name in serve_status().applications
-    app = expert_application(expert_dir, config)
+    target = expert_application(expert_dir, config)
     started = time.monotonic()
     with SERVE_API_LOCK:
         serve.run_many(
-            [serve.RunTarget(target=app, name=app_name, route_prefix=expert_route_prefix(card.name))],
+            [serve.RunTarget(target=target, name=app_name, route_prefix=prefix)],
             wait_for_applications_running=False,
         )
     last = None

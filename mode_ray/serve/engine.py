@@ -38,7 +38,7 @@ from mode_ray.generation.result import merge_results
 from mode_ray.serve.config import RouterOptions
 from mode_ray.serve.errors import DeadlineExceeded, ExpertCallError, GenerationFailed, Overloaded
 from mode_ray.serve.metrics import RouterMetrics
-from mode_ray.serve.registry import Snapshot
+from mode_ray.serve.registry import ExpertEntry, Snapshot
 from mode_ray.serve.transport import ExpertClient, ExpertReply
 
 PHASES = ("gate", "plan", "encode", "wire", "queue", "expert", "decode", "combine", "idle", "overhead")
@@ -122,7 +122,10 @@ class _Call:
 
 class StepEngine:
     def __init__(
-        self, config: MixtureConfig, options: RouterOptions, client_for: Callable[[str], ExpertClient]
+        self,
+        config: MixtureConfig,
+        options: RouterOptions,
+        client_for: Callable[[ExpertEntry], ExpertClient],
     ) -> None:
         self.config, self.options = config, options
         self.client_for = client_for
@@ -137,9 +140,15 @@ class StepEngine:
         self._loop_tasks: list[asyncio.Task | None] = [None] * options.cohorts
 
     # ---- admission -------------------------------------------------------------------------------
-    def uses(self, name: str) -> int:
-        """How many admitted requests may still route to `name` (for draining)."""
-        return sum(name in a.snapshot.names for a in [*self._active, *self._queue._queue])  # type: ignore[attr-defined]
+    def uses(self) -> dict[str, int]:
+        """Admitted requests (active or queued) that may still call each Serve application: a drain of an
+        expert version waits for its application to reach 0 on every router replica."""
+        counts: dict[str, int] = {}
+        for a in [*self._active, *self._queue._queue]:  # type: ignore[attr-defined]
+            if not a.future.done():
+                for entry in a.snapshot.entries:
+                    counts[entry.application] = counts.get(entry.application, 0) + 1
+        return counts
 
     @property
     def load(self) -> tuple[int, int]:
@@ -362,7 +371,8 @@ class StepEngine:
             first: dict[int, int] = {}  # request -> its first lane in the group
             request_of = torch.tensor([first.setdefault(id(a), i) for i, (a, _) in enumerate(group)])
             for e, rows in plan.rows.items():
-                name = group[0][0].snapshot.entries[e].name
+                entry = group[0][0].snapshot.entries[e]
+                name = entry.name
                 who = request_of[owner[rows]]
                 chunks = (
                     [rows] if self.options.continuous_batching else [rows[who == i] for i in who.unique()]
@@ -370,7 +380,7 @@ class StepEngine:
                 for chunk in chunks:
                     for piece in chunk.split(limit):
                         parts = set(owner[piece].unique().tolist())
-                        calls.append(_Call(name, e, self.client_for(name), g, piece, parts))
+                        calls.append(_Call(name, e, self.client_for(entry), g, piece, parts))
         return calls
 
     def _timeout(self, call: _Call, groups: list[list[Lane]]) -> float:

@@ -214,6 +214,13 @@ class Ingress:
         self._check_admin(authorization)
         return await self._call("add_expert", body)
 
+    @api.put("/v1/experts/{name}")
+    async def replace_expert_http(
+        self, name: str, body: dict, authorization: str | None = Header(None)
+    ) -> dict:
+        self._check_admin(authorization)
+        return await self._call("replace_expert", name, body)
+
     @api.delete("/v1/experts/{name}")
     async def remove_expert_http(self, name: str, authorization: str | None = Header(None)) -> dict:
         self._check_admin(authorization)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mode_ray.models.card import ExpertCard, format_validation_error
+from mode_ray.serve.config import expert_app_name
 
 State = Literal["deploying", "ready", "draining"]
 REGISTRY_FILE = "registry.json"
@@ -35,6 +36,14 @@ class ExpertEntry(BaseModel):
     endpoint: str = "serve"
     state: State = "deploying"
     added_at: float = Field(default_factory=time.time)
+    app: str | None = Field(
+        None, description="its Serve application; None: expert-<name> (a replacement's differs)"
+    )
+
+    @property
+    def application(self) -> str:
+        """The Serve application that serves this version (the gRPC `application` metadata of its OIP)."""
+        return self.app or expert_app_name(self.name)
 
 
 class RegistryFile(BaseModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -89,15 +90,13 @@ class Router:
         return build_gate(self.config.gate, self.args.model_dir, Path(published) if published else None)
 
     async def _sync(self) -> None:
-        """Follow the shared registry: report this replica's version and its uses of draining experts, take
+        """Follow the shared registry: report this replica's version and the expert applications its admitted
+        requests may still call (drains wait on them), take
         any newer registry (a hot-add, remove or gate published through another replica), rebuilding the gate
         first when it changed, so that a snapshot never pairs a version with another version's gate."""
         while True:
             try:
-                draining = [e.name for e in self.registry.entries() if e.state == "draining"]
-                data = await self.registry.poll(
-                    {n: self.engine.uses(n) for n in draining}, sum(self.engine.load)
-                )
+                data = await self.registry.poll(self.engine.uses(), sum(self.engine.load))
                 if data.version > self.registry.version:
                     async with self._lock:
                         await self._take(data)
@@ -114,24 +113,27 @@ class Router:
                 self.gate, self._gate_path = gate, data.gate
         else:
             self.registry.accept(data)
-        for name in list(self._clients):  # forget the clients of removed experts
-            if self.registry.get(name) is None:
-                self._clients.pop(name, None)
+        keep = {_client_key(e) for e in self.registry.entries()} | set(self.engine.uses())
+        for key in list(self._clients):  # forget the clients of versions no request can call any more
+            if key not in keep:
+                self._clients.pop(key, None)
 
     def snapshot(self) -> Snapshot:
         """What a request admitted now routes with: the ready experts and the live gate."""
         return self.registry.snapshot(self.gate)
 
     # ---- experts ------------------------------------------------------------------------------------
-    def _client(self, name: str) -> ExpertClient:
-        """The client of a registered expert (cached: this is on the engine's per-tick path)."""
-        client = self._clients.get(name)
+    def _client(self, entry: ExpertEntry) -> ExpertClient:
+        """The client of one expert version (cached by its Serve application: this is on the engine's per-tick
+        path, and during a replace the old and the new version are called side by side)."""
+        key = _client_key(entry)
+        client = self._clients.get(key)
         if client is None:
-            entry = self.registry.get(name)
-            endpoint = entry.endpoint if entry else "serve"
-            options = self.args.router
-            client = client_for(name, endpoint, self.args.grpc_target, options.transport, options.fp16_wire)
-            self._clients[name] = client
+            o = self.args.router
+            client = client_for(
+                entry.name, entry.endpoint, self.args.grpc_target, o.transport, o.fp16_wire, entry.application
+            )
+            self._clients[key] = client
         return client
 
     async def _start(self) -> None:
@@ -193,8 +195,8 @@ class Router:
             if entry.path is None:
                 raise CheckpointError(f"expert {entry.name!r} has no path to deploy from")
             config = deployment or self.args.deployment_for(entry.name)
-            await asyncio.to_thread(self._deploy, Path(entry.path), config, entry.name, cancelled)
-        client = self._client(entry.name)
+            await asyncio.to_thread(self._deploy, Path(entry.path), config, entry.application, cancelled)
+        client = self._client(entry)
         deadline = time.monotonic() + 180
         while not await client.ready(timeout=5):
             check()
@@ -209,30 +211,40 @@ class Router:
 
     @staticmethod
     def _deploy(
-        path: Path, deployment: ExpertDeployment, name: str, cancelled: threading.Event | None = None
+        path: Path, deployment: ExpertDeployment, app: str, cancelled: threading.Event | None = None
     ) -> None:
-        """Deploy unless the app is already RUNNING (a router restart must not restart healthy experts)."""
+        """Deploy as Serve application `app` unless it is already RUNNING (a router restart must not restart
+        healthy experts)."""
         from mode_ray.serve.deploy import deploy_expert, serve_status
 
-        status = serve_status().applications.get(expert_app_name(name))
+        status = serve_status().applications.get(app)
         if status is not None and status.status.value == "RUNNING":
             return
-        deploy_expert(path, deployment, cancelled=cancelled)
+        default = app == expert_app_name(load_card(path).name)
+        deploy_expert(path, deployment, cancelled=cancelled, app=None if default else app)
+
+    @staticmethod
+    async def _delete_app(entry: ExpertEntry) -> None:
+        if entry.endpoint != "serve":
+            return
+        from ray import serve
+
+        from mode_ray.serve.deploy import SERVE_API_LOCK
+
+        def delete() -> None:
+            with SERVE_API_LOCK:
+                if entry.application in serve.status().applications:
+                    serve.delete(entry.application)
+
+        await asyncio.to_thread(delete)
 
     async def _teardown(self, entry: ExpertEntry) -> None:
-        if entry.endpoint == "serve":
-            from ray import serve
-
-            from mode_ray.serve.deploy import SERVE_API_LOCK
-
-            def delete() -> None:
-                with SERVE_API_LOCK:
-                    if expert_app_name(entry.name) in serve.status().applications:
-                        serve.delete(expert_app_name(entry.name))
-
-            await asyncio.to_thread(delete)
-        await self.registry.remove(entry.name)
-        self._clients.pop(entry.name, None)
+        await self._delete_app(entry)
+        if (
+            current := self.registry.get(entry.name)
+        ) is not None and current.application == entry.application:
+            await self.registry.remove(entry.name)
+        self._clients.pop(_client_key(entry), None)
 
     async def ready(self) -> bool:
         await asyncio.shield(self._started)
@@ -346,10 +358,79 @@ class Router:
                 raise FileExistsError(f"{name!r} is the last ready expert; add another before removing it")
             version = await self.registry.set_state(name, "draining")
         # every router replica stops admitting requests to it at `version`; wait for their admitted ones
-        if not await self.registry.wait_drained(name, version, drain_timeout_s):
+        if not await self.registry.wait_drained(entry.application, version, drain_timeout_s):
             log.warning("expert %s still in use after %.0f s of draining; deleting it", name, drain_timeout_s)
         await self._teardown(entry)
         return {"name": name, "registry_version": self.registry.version, "state": "removed"}
+
+    async def replace_expert(self, name: str, body: dict, drain_timeout_s: float = 300.0) -> dict:
+        """Replace `name` by a new version with zero failed requests: deploy the new version as its own Serve
+        application beside the old one, prove it (ModelReady, canary), publish it (a new registry version:
+        requests admitted from then on route to it), wait until no router replica has an admitted request
+        that may call the old version, then delete the old application."""
+        await asyncio.shield(self._started)
+        request = AddExpert.model_validate(body)
+        if request.endpoint != "serve":
+            raise ValueError("endpoint: a replace deploys the new version here; use 'serve'")
+        old = self.registry.get(name)
+        if old is None:
+            raise KeyError(
+                f"no expert named {name!r}; registered: {[e.name for e in self.registry.entries()]}"
+            )
+        if old.state != "ready":
+            raise FileExistsError(f"expert {name!r} is {old.state}; only a ready expert can be replaced")
+        path = await asyncio.to_thread(self._resolve_path, request.path)
+        card = await asyncio.to_thread(check_expert, path, self._expert_root)
+        if card.name != name:
+            raise ValueError(f"path: the card names expert {card.name!r}, not {name!r}")
+        if card.version == old.version:
+            raise FileExistsError(
+                f"expert {name!r} is version {old.version!r} already; bump the card's version"
+            )
+        try:
+            check_condition(self.config, card)
+            old.card.compatible_with(card)
+        except ValueError as e:
+            raise ValueError(f"path: {e}") from None
+        actor, me = self.registry.actor, self.registry.replica
+        await actor.begin_change.remote(name, me)
+        new = ExpertEntry(
+            name=name,
+            version=card.version,
+            card=card,
+            path=str(path),
+            state="ready",
+            app=replacement_app(name, card.version),
+        )
+        try:
+            config = request.deployment or self.args.deployment_for(name)
+            started = time.monotonic()
+            await asyncio.to_thread(self._deploy, path, config, new.application)
+            try:
+                client = self._client(new)
+                while not await client.ready(timeout=5):
+                    if time.monotonic() - started > 180:
+                        raise TimeoutError(
+                            f"expert {name!r} v{card.version} did not report ModelReady within 180 s"
+                        )
+                    await asyncio.sleep(0.5)
+                await _canary_expert(client, card)
+            except BaseException:
+                await self._delete_app(new)
+                raise
+            version = await self.registry.upsert(new)  # the switch: later requests route to the new version
+        finally:
+            await actor.end_change.remote(name, me)
+        if not await self.registry.wait_drained(old.application, version, drain_timeout_s):
+            log.warning(
+                "expert %s v%s still in use after %.0f s; deleting it", name, old.version, drain_timeout_s
+            )
+        await self._delete_app(old)
+        self._clients.pop(_client_key(old), None)
+        log.info(
+            "expert %s replaced: v%s -> v%s (registry version %d)", name, old.version, card.version, version
+        )
+        return {"name": name, "version": card.version, "replaced": old.version, "registry_version": version}
 
     # ---- the learned gate -------------------------------------------------------------------------------
     async def publish_gate(self, body: dict) -> dict:
@@ -464,3 +545,13 @@ async def _canary_expert(client: ExpertClient, card: ExpertCard) -> None:
                 f"path: expert {card.name!r} answered its canary pass ({which} a condition, sigma 0.01 / 1 / 80) "
                 f"with {bad} x0_hat; it is not routed"
             )
+
+
+def _client_key(entry: ExpertEntry) -> str:
+    return entry.application if entry.endpoint == "serve" else f"{entry.name}@{entry.endpoint}"
+
+
+def replacement_app(name: str, version: str) -> str:
+    """The Serve application of a replacement version: expert-<name>--v<version> (sanitised)."""
+    safe = re.sub(r"[^a-zA-Z0-9._-]", "-", version)[:40]
+    return f"{expert_app_name(name)}--v{safe}"

@@ -47,6 +47,7 @@ class RegistryActor:
             str, tuple[float, int, dict[str, int], int]
         ] = {}  # id -> (at, version, uses, active)
         self._startup: tuple[str, bool] | None = None  # (replica, finished)
+        self._changing: dict[str, str] = {}  # expert name -> the replica replacing it
 
     def _data(self) -> RegistryFile:
         if self.error is not None:
@@ -115,6 +116,19 @@ class RegistryActor:
         with self._cond:
             live = self._live().values()
             return all(v >= version and uses.get(name, 0) == 0 for _, v, uses, _ in live)
+
+    def begin_change(self, name: str, replica: str) -> None:
+        """Reserve `name` for a replace by `replica`; FileExistsError while a live replica is changing it."""
+        with self._cond:
+            holder = self._changing.get(name)
+            if holder is not None and holder != replica and holder in self._live():
+                raise FileExistsError(f"expert {name!r} is being replaced already; retry when that is done")
+            self._changing[name] = replica
+
+    def end_change(self, name: str, replica: str) -> None:
+        with self._cond:
+            if self._changing.get(name) == replica:
+                del self._changing[name]
 
     def claim_startup(self, replica: str) -> bool:
         """True for the replica that should restore or seed the registry now: no live replica has claimed

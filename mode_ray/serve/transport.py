@@ -142,18 +142,17 @@ class HandleExpertClient:
     the expert's replicas by their queue length). Readiness is asked over OIP through the proxy, which every
     expert keeps answering."""
 
-    def __init__(self, name: str, proxy_target: str, fp16: bool = False) -> None:
+    def __init__(self, name: str, proxy_target: str, fp16: bool = False, app: str | None = None) -> None:
         self.name, self.fp16 = name, fp16
-        self._oip = GrpcExpertClient(name, proxy_target, expert_app_name(name), fp16)
+        self.app = app or expert_app_name(name)
+        self._oip = GrpcExpertClient(name, proxy_target, self.app, fp16)
         self._handle: Any = None
 
     def _get_handle(self) -> Any:
         if self._handle is None:
             from ray import serve
 
-            self._handle = serve.get_deployment_handle(
-                expert_deployment_name(self.name), expert_app_name(self.name)
-            )
+            self._handle = serve.get_deployment_handle(expert_deployment_name(self.name), self.app)
         return self._handle
 
     async def infer(
@@ -192,12 +191,17 @@ class HandleExpertClient:
 
 
 def client_for(
-    name: str, endpoint: str, proxy_target: str, transport: Transport = "grpc", fp16: bool = False
+    name: str,
+    endpoint: str,
+    proxy_target: str,
+    transport: Transport = "grpc",
+    fp16: bool = False,
+    app: str | None = None,
 ) -> ExpertClient:
-    """The client of a registered expert: `endpoint` 'serve' (deployed here) uses `transport`; an external
-    OIP endpoint (host:port) is always called over gRPC."""
+    """The client of a registered expert: `endpoint` 'serve' (deployed here, as Serve application `app`,
+    default expert-<name>) uses `transport`; an external OIP endpoint (host:port) is always called over gRPC."""
     if endpoint != "serve":
         return GrpcExpertClient(name, endpoint, None, fp16)
     if transport == "handle":
-        return HandleExpertClient(name, proxy_target, fp16)
-    return GrpcExpertClient(name, proxy_target, expert_app_name(name), fp16)
+        return HandleExpertClient(name, proxy_target, fp16, app)
+    return GrpcExpertClient(name, proxy_target, app or expert_app_name(name), fp16)

@@ -63,7 +63,7 @@ def setup(options: RouterOptions | None = None):  # noqa: ANN201
     ex = experts()
     clients = {e.name: LocalClient(e) for e in ex}
     gate = PrototypeGate(tau=0.5)
-    engine = StepEngine(CONFIG, options or RouterOptions(), clients.__getitem__)
+    engine = StepEngine(CONFIG, options or RouterOptions(), lambda entry: clients[entry.name])
     snapshot = Snapshot(
         1, tuple(ExpertEntry(name=e.name, version="1", card=e.card, state="ready") for e in ex), gate
     )

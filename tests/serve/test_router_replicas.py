@@ -170,6 +170,57 @@ def test_a_router_replica_killed_under_16_requests_fails_none(replicas) -> None:
     assert sorted(e["name"] for e in state["experts"]) == ["a", "b", "c"]
 
 
+def test_replacing_an_expert_fails_no_request(replicas) -> None:  # noqa: ANN001
+    """PUT /v1/experts/c with a new version while 16 requests that route to c run on both replicas: the new
+    version is deployed beside the old (its own application), published, the old drained and deleted; all 16
+    succeed with nothing dropped, and later requests get the new weights."""
+    from ray import serve
+
+    from mode_ray.models import load_expert
+    from mode_ray.routing import Mixture
+
+    sc, model = replicas
+    actor = registry_actor(model)
+    path = make_expert(model / "experts", "c-v2", [7, 8, 9], seed=33)
+    card = json.loads((path / "expert.json").read_text())
+    (path / "expert.json").write_text(json.dumps({**card, "name": "c", "version": "2"}))
+    bodies = [
+        {"prompt": 7 + i % 3, "num_images": 1, "seed": 300 + i, "steps": 60, "output": "json"}
+        for i in range(16)
+    ]
+    url = f"{sc.http_url}/v1/experts"
+    idle(actor)
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(post, sc.http_url, b) for b in bodies]
+        wait_for(
+            lambda: all(r["active"] > 0 for r in ray.get(actor.replicas.remote()).values()),
+            "requests stepping on both replicas",
+        )
+        replaced = httpx.put(f"{url}/c", json={"path": "c-v2"}, headers=AUTH, timeout=300)
+        responses = [f.result() for f in futures]
+    assert replaced.status_code == 200, replaced.text
+    assert replaced.json()["version"] == "2" and replaced.json()["replaced"] == "1"
+    assert all(r.status_code == 200 and r.json()["dropped_mass"] == 0 for r in responses), [
+        r.text[:200] for r in responses
+    ]
+    listing = {e["name"]: e["version"] for e in httpx.get(url).json()["experts"]}
+    assert listing == {"a": "1", "b": "1", "c": "2"}
+    apps = serve.status().applications
+    assert "expert-c" not in apps and "expert-c--v2" in apps
+    bundle = load_bundle(model)
+    experts = [e for e in bundle.mixture.experts if e.name != "c"] + [load_expert(path)]
+    new = Mixture(experts, bundle.mixture.gate, top_k=2)
+    body = {"prompt": 8, "num_images": 1, "seed": 5, "steps": 4, "experts": ["c"]}
+    after = post(sc.http_url, {**body, "output": "json"})
+    assert after.status_code == 200, after.text
+    expected = generate_local(new, bundle.config, GenerateParams(**body)).images
+    assert (images_of(after) - expected).abs().max() <= 1e-5
+    again = httpx.put(f"{url}/c", json={"path": "c-v2"}, headers=AUTH, timeout=60)
+    assert again.status_code == 409 and "version '2' already" in again.json()["detail"]
+    wrong = httpx.put(f"{url}/b", json={"path": "c-v2"}, headers=AUTH, timeout=60)
+    assert wrong.status_code == 400 and "names expert 'c', not 'b'" in wrong.json()["detail"]
+
+
 @pytest.fixture(autouse=True)
 def one_thread():  # noqa: ANN201
     threads = torch.get_num_threads()

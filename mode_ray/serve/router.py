@@ -91,9 +91,8 @@ class Router:
 
     async def _sync(self) -> None:
         """Follow the shared registry: report this replica's version and the expert applications its admitted
-        requests may still call (drains wait on them), take
-        any newer registry (a hot-add, remove or gate published through another replica), rebuilding the gate
-        first when it changed, so that a snapshot never pairs a version with another version's gate."""
+        requests may still call (drains wait on them), and take any newer registry (a hot-add, remove or gate
+        published through another replica)."""
         while True:
             try:
                 data = await self.registry.poll(self.engine.uses(), sum(self.engine.load))
@@ -107,6 +106,8 @@ class Router:
                 await asyncio.sleep(0.5)
 
     async def _take(self, data: Any) -> None:
+        """Take a newer registry, building its gate first when it changed, so that a snapshot never pairs a
+        version with another version's gate; forget the clients no request can call any more."""
         if data.gate != self._gate_path:
             gate = await asyncio.to_thread(self._build_gate, data.gate)
             if self.registry.accept(data):
@@ -148,8 +149,7 @@ class Router:
                     break  # the replica restoring it died: take over
                 await asyncio.sleep(0.5)
             else:
-                self.registry.accept((await self.registry.actor.read.remote())[0])
-                await self._take_gate()
+                await self._take((await self.registry.actor.read.remote())[0])
                 return
         if not self.args.restore:  # start from the model directory: forget (and undeploy) hot-added experts
             if self.registry.gate is not None:

@@ -404,11 +404,13 @@ AUTH_CASES = [
 
 
 @pytest.mark.parametrize("headers", [c[1] for c in AUTH_CASES], ids=[c[0] for c in AUTH_CASES])
-@pytest.mark.parametrize("method", ["add", "delete", "gate"])
+@pytest.mark.parametrize("method", ["add", "replace", "delete", "gate"])
 def test_the_admin_api_needs_the_token(hostile, headers, method) -> None:  # noqa: ANN001
     sc, _ = hostile
     if method == "add":
         r = httpx.post(f"{sc.http_url}/v1/experts", json={"path": "d"}, headers=headers)
+    elif method == "replace":
+        r = httpx.put(f"{sc.http_url}/v1/experts/a", json={"path": "a"}, headers=headers)
     elif method == "delete":
         r = httpx.delete(f"{sc.http_url}/v1/experts/a", headers=headers)
     else:
@@ -420,11 +422,26 @@ def test_the_admin_api_needs_the_token(hostile, headers, method) -> None:  # noq
     ("method", "target", "body", "status", "words"),
     [
         ("delete", "/v1/experts/nope", None, 404, ["no expert named 'nope'"]),
+        ("put", "/v1/experts/nope", {"path": "a"}, 404, ["no expert named 'nope'"]),
+        ("put", "/v1/experts/a", {"path": "a"}, 409, ["version '1' already"]),
+        ("put", "/v1/experts/a", {"path": "b"}, 400, ["names expert 'b', not 'a'"]),
+        ("put", "/v1/experts/a", {"path": "../../etc"}, 400, ["outside the expert root"]),
+        ("put", "/v1/experts/a", {"path": "a", "endpoint": "10.0.0.1:1"}, 400, ["endpoint"]),
         ("put", "/v1/gate", {"path": "../../etc"}, 400, ["outside"]),
         ("put", "/v1/gate", {"path": "nothing-here"}, 400, ["nothing-here"]),
         ("put", "/v1/gate", {"gate": "x"}, 422, ["gate"]),
     ],
-    ids=["delete unknown", "gate outside", "gate missing", "gate unknown field"],
+    ids=[
+        "delete unknown",
+        "replace unknown",
+        "replace same version",
+        "replace with another expert",
+        "replace outside the root",
+        "replace elsewhere",
+        "gate outside",
+        "gate missing",
+        "gate unknown field",
+    ],
 )
 def test_admin_calls_with_bad_targets(hostile, method, target, body, status, words) -> None:  # noqa: ANN001
     sc, _ = hostile

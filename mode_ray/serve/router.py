@@ -138,39 +138,39 @@ class Router:
         return client
 
     async def _start(self) -> None:
-        """One replica at a time restores the shared registry (re-deploying missing expert apps) or seeds it
-        from the model directory; the others (router replicas starting beside it) wait for it to finish."""
-        if not await self.registry.actor.claim_startup.remote(self.registry.replica):
-            deadline = time.monotonic() + 600
-            while not await self.registry.actor.startup_done.remote():
-                if time.monotonic() > deadline:
-                    raise TimeoutError("no router replica finished restoring the registry within 600 s")
-                if await self.registry.actor.claim_startup.remote(self.registry.replica):
-                    break  # the replica restoring it died: take over
-                await asyncio.sleep(0.5)
-            else:
-                await self._take((await self.registry.actor.read.remote())[0])
-                return
-        if not self.args.restore:  # start from the model directory: forget (and undeploy) hot-added experts
-            if self.registry.gate is not None:
-                await self.registry.set_gate(None)
+        """Restore the shared registry (re-deploying missing expert apps, leaving RUNNING ones alone) or seed
+        it from the model directory; router replicas starting together take turns."""
+        actor, me = self.registry.actor, self.registry.replica
+        deadline = time.monotonic() + 600
+        while not await actor.claim_startup.remote(me):  # another replica is restoring: wait for it
+            if time.monotonic() > deadline:
+                raise TimeoutError("another router replica kept restoring the registry for 600 s")
+            await asyncio.sleep(0.5)
+        try:
+            self.registry.accept((await actor.read.remote())[0])
+            if not self.args.restore and await actor.fresh_once.remote():
+                # start from the model directory: forget (and undeploy) hot-added experts
+                if self.registry.gate is not None:
+                    await self.registry.set_gate(None)
+                for e in self.registry.entries():
+                    if e.name in self.config.experts:
+                        await self.registry.remove(e.name)
+                    else:
+                        await self._teardown(e)
+            if not self.registry.entries():
+                for name in self.config.experts:
+                    path = self.args.model_dir / "experts" / name
+                    card = await asyncio.to_thread(load_card, path)
+                    entry = ExpertEntry(name=name, version=card.version, card=card, path=str(path))
+                    await self.registry.upsert(entry)
+            ready = [e for e in self.registry.entries() if e.state != "draining"]
+            await asyncio.gather(*(self._bring_up(e) for e in ready))
             for e in self.registry.entries():
-                if e.name in self.config.experts:
-                    await self.registry.remove(e.name)
-                else:
+                if e.state == "draining":  # a drain interrupted by a restart: finish it
                     await self._teardown(e)
-        if not self.registry.entries():
-            for name in self.config.experts:
-                path = self.args.model_dir / "experts" / name
-                card = await asyncio.to_thread(load_card, path)
-                entry = ExpertEntry(name=name, version=card.version, card=card, path=str(path))
-                await self.registry.upsert(entry)
-        await asyncio.gather(*(self._bring_up(e) for e in self.registry.entries() if e.state != "draining"))
-        for e in self.registry.entries():
-            if e.state == "draining":  # a drain interrupted by a restart: finish it
-                await self._teardown(e)
-        await self._take_gate()
-        await self.registry.actor.finish_startup.remote(self.registry.replica)
+            await self._take_gate()
+        finally:
+            await actor.finish_startup.remote(me)
 
     async def _take_gate(self) -> None:
         if self.registry.gate != self._gate_path:
@@ -206,7 +206,9 @@ class Router:
         if canary:
             await _canary_expert(client, entry.card)
         check()
-        await self.registry.set_state(entry.name, "ready")
+        current = self.registry.get(entry.name)
+        if current is None or current.state != "ready":  # a restore of a ready expert changes nothing
+            await self.registry.set_state(entry.name, "ready")
         log.info("expert %s ready (registry version %d)", entry.name, self.registry.version)
 
     @staticmethod

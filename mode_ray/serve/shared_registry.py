@@ -7,7 +7,7 @@ by long-polling the actor (a change reaches every replica within `POLL_S`).
       add (atomic: refuses a name that exists), upsert, set_state, remove, set_gate -> RegistryFile
       heartbeat(replica, seen_version, uses)    every replica, every poll
       drained(name, version)              every live replica has seen `version` and uses `name` no more
-      claim_startup / finish_startup      one replica restores or seeds the registry at a time
+      claim_startup / finish_startup      one replica at a time restores or seeds the registry
 
 Writes go through the actor one at a time, so two admin calls on two replicas cannot corrupt the registry or
 register (and deploy) one expert twice. A request keeps the snapshot (registry version, experts, gate) it was
@@ -47,6 +47,7 @@ class RegistryActor:
             str, tuple[float, int, dict[str, int], int]
         ] = {}  # id -> (at, version, uses, active)
         self._startup: tuple[str, bool] | None = None  # (replica, finished)
+        self._fresh_done = False
         self._changing: dict[str, str] = {}  # expert name -> the replica replacing it
 
     def _data(self) -> RegistryFile:
@@ -131,11 +132,12 @@ class RegistryActor:
                 del self._changing[name]
 
     def claim_startup(self, replica: str) -> bool:
-        """True for the replica that should restore or seed the registry now: no live replica has claimed
-        (or finished) it. A restarted replica whose peers are all dead claims it again."""
+        """True when `replica` may restore the registry now: no other live replica is restoring it. Every
+        replica restores once at start (re-deploying what is missing; RUNNING apps are left alone), one at a
+        time, so replicas starting together never deploy one app twice."""
         with self._cond:
-            live = self._live()
-            if self._startup is not None and self._startup[0] in live and self._startup[0] != replica:
+            busy = self._startup is not None and not self._startup[1] and self._startup[0] != replica
+            if busy and self._startup[0] in self._live():
                 return False
             self._startup = (replica, False)
             self._replicas[replica] = (time.monotonic(), self._data().version, {}, 0)
@@ -143,11 +145,15 @@ class RegistryActor:
 
     def finish_startup(self, replica: str) -> None:
         with self._cond:
-            self._startup = (replica, True)
+            if self._startup is not None and self._startup[0] == replica:
+                self._startup = (replica, True)
 
-    def startup_done(self) -> bool:
+    def fresh_once(self) -> bool:
+        """True the first time only: a fresh start (restore: false) forgets hot-added experts once, not again
+        each time a router replica restarts or is added."""
         with self._cond:
-            return self._startup is not None and self._startup[1]
+            first, self._fresh_done = not self._fresh_done, True
+            return first
 
 
 def actor_name(state_dir: Path) -> str:

@@ -574,6 +574,29 @@ def test_the_grpc_transport_is_exact_fails_no_request_and_reports_its_time(clust
         )
 
 
+def test_a_redeployed_router_redeploys_a_missing_expert_app(cluster) -> None:  # noqa: ANN001
+    """The router redeployed with new options right after an expert's app was deleted by hand: the new router
+    replica restores the registry (the old replica, still alive a moment, had finished its own restore long
+    ago) and deploys the missing app again."""
+    from ray import serve
+
+    from mode_ray.serve.app import build_app
+
+    sc, model = cluster
+    serve.delete("expert-b")
+    args = AppArgs(
+        model_dir=model,
+        state_dir=model / "state",
+        grpc_target=sc.grpc_target,
+        expert={"num_cpus": 0.1, "max_replicas": 1, "batch_wait_timeout_s": 0.001},
+        router={"num_cpus": 0.1, "call_timeout_s": 3.0, "tick_rows": 9},
+    )
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    assert serve.status().applications["expert-b"].status.value == "RUNNING"
+    r = post(sc.http_url, {"prompt": 5, "num_images": 1, "seed": 0, "experts": ["b"], "output": "json"})
+    assert r.status_code == 200, r.text
+
+
 def test_an_expert_with_nan_weights_is_refused_by_its_canary_pass(cluster) -> None:  # noqa: ANN001
     """Its safetensors are valid, so it loads; before, it was accepted and routed (NaN images with 200, or 502s
     beside healthy experts). Now the canary pass in its own replica refuses it and the add is rolled back."""

@@ -184,8 +184,8 @@ class RouterOptions(BaseModel):
     )
     offload: bool = Field(
         True,
-        description="run the gate, plan and combine in a worker thread, off the event loop that sends and "
-        "receives expert calls (with cohorts > 1, one cohort's tensor work overlaps another's calls)",
+        description="run the gate, plan and combine in a worker thread (for ticks of more than one lane), off "
+        "the event loop that admits requests and sends and receives expert calls",
     )
     fp16_wire: bool = Field(False, description="send x as FP16 to experts (halves bytes; not bit-exact)")
     transport: Literal["grpc", "handle"] = Field(

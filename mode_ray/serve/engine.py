@@ -408,12 +408,13 @@ class StepEngine:
                 )
         return error
 
-    async def _offload(self, fn: Callable, *args: object) -> Any:
+    async def _offload(self, fn: Callable, groups: list[list[Lane]], *args: object) -> Any:
         """Run the router's tensor work (gate + plan, combine + sampler steps) in a worker thread when
-        `offload` is on, so the event loop keeps sending and receiving other cohorts' calls meanwhile."""
-        if self.options.offload:
-            return await asyncio.to_thread(fn, *args)
-        return fn(*args)
+        `offload` is on and the tick holds more than one lane, so the event loop keeps admitting requests and
+        moving other calls meanwhile; a lone lane computes inline (the thread hand-off cost it 3%)."""
+        if self.options.offload and sum(len(g) for g in groups) > 1:
+            return await asyncio.to_thread(fn, groups, *args)
+        return fn(groups, *args)
 
     def _settle(
         self,

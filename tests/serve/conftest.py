@@ -10,9 +10,13 @@ is 1 CPU per replica and the session cluster only has 2.
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,3 +58,39 @@ def serve_cluster(ray_session: None) -> Iterator[ServeCluster]:
         yield ServeCluster(http_port=http_port, grpc_port=grpc_port)
     finally:
         serve.shutdown()
+
+
+@contextlib.contextmanager
+def tiny_app(cluster: ServeCluster, model: Path, **router: Any) -> Iterator[Path]:
+    """The tiny mixture in `model` (tests/tiny.py) deployed as the `mode-ray` app with these router options
+    (small CPU shares for the 2-CPU session cluster); the app and every expert app deleted afterwards."""
+    from ray import serve
+
+    from mode_ray.serve.app import build_app
+    from mode_ray.serve.config import APP_NAME, AppArgs
+
+    args = AppArgs(
+        model_dir=model,
+        state_dir=model / "state",
+        grpc_target=cluster.grpc_target,
+        expert={"num_cpus": 0.1, "max_replicas": 1},
+        router={"num_cpus": 0.1, **router},
+    )
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    try:
+        yield model
+    finally:
+        serve.delete(APP_NAME)
+        for app in list(serve.status().applications):
+            if app.startswith("expert-"):
+                serve.delete(app)
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> float:
+    """Poll `predicate` (a counter or a state of the cluster) until it holds; the seconds it took. Fails
+    naming `what` after `timeout`."""
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.01)
+    return time.monotonic() - t0

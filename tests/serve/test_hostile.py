@@ -26,9 +26,10 @@ from mode_ray.proto.inference import grpc_predict_v2_pb2 as pb
 from mode_ray.proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
 from mode_ray.proto.mode_ray.v1 import generation_pb2_grpc as gen_grpc
-from mode_ray.serve.config import APP_NAME, AppArgs
+from mode_ray.serve.config import APP_NAME
 from mode_ray.serve.oip import encode_infer_request
 from tests.conftest import ADMIN_TOKEN
+from tests.serve.conftest import tiny_app, wait_for
 from tests.tiny import build_tiny_mixture, make_expert
 
 pytestmark = pytest.mark.serve
@@ -38,43 +39,16 @@ MAX_REQUEST_ROWS = 200_000
 
 @pytest.fixture(scope="module")
 def hostile(serve_cluster, tmp_path_factory):  # noqa: ANN001, ANN201
-    from ray import serve
-
-    from mode_ray.serve.app import build_app
-
     model = build_tiny_mixture(tmp_path_factory.mktemp("hostile"))
-    args = AppArgs(
-        model_dir=model,
-        state_dir=model / "state",
-        grpc_target=serve_cluster.grpc_target,
-        expert={"num_cpus": 0.1, "max_replicas": 1},
-        router={
-            "num_cpus": 0.1,
-            "max_active_requests": 2,
-            "max_queued_requests": 2,
-            "max_request_rows": MAX_REQUEST_ROWS,
-        },
-    )
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    yield serve_cluster, model
-    serve.delete(APP_NAME)
-    for app in list(serve.status().applications):
-        if app.startswith("expert-"):
-            serve.delete(app)
+    limits = {"max_active_requests": 2, "max_queued_requests": 2, "max_request_rows": MAX_REQUEST_ROWS}
+    with tiny_app(serve_cluster, model, **limits):
+        yield serve_cluster, model
 
 
 def stats() -> dict:
     from ray import serve
 
     return serve.get_deployment_handle("Router", app_name=APP_NAME).engine_stats.remote().result()
-
-
-def wait_for(predicate, what: str, timeout: float = 60.0) -> None:  # noqa: ANN001
-    """Poll `predicate` (a counter or state of the cluster) until it holds; fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def no_traceback(text: str) -> None:

@@ -5,7 +5,6 @@ requests of both, and a replica killed under 16 requests fails none of them."""
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -14,9 +13,10 @@ import ray
 import torch
 
 from mode_ray.generation import GenerateParams, generate_local, load_bundle
-from mode_ray.serve.config import APP_NAME, AppArgs
+from mode_ray.serve.config import APP_NAME
 from mode_ray.serve.shared_registry import NAMESPACE, actor_name
 from tests.conftest import ADMIN_TOKEN
+from tests.serve.conftest import tiny_app, wait_for
 from tests.serve.test_cluster import images_of, post, replica_actors
 from tests.tiny import build_tiny_mixture, make_expert
 
@@ -26,37 +26,13 @@ AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 @pytest.fixture(scope="module")
 def replicas(serve_cluster, tmp_path_factory):  # noqa: ANN001, ANN201
-    from ray import serve
-
-    from mode_ray.serve.app import build_app
-
     model = build_tiny_mixture(tmp_path_factory.mktemp("replicas"))
-    args = AppArgs(
-        model_dir=model,
-        state_dir=model / "state",
-        grpc_target=serve_cluster.grpc_target,
-        expert={"num_cpus": 0.1, "max_replicas": 1},
-        router={"num_cpus": 0.1, "num_replicas": 2},
-    )
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    yield serve_cluster, model
-    serve.delete(APP_NAME)
-    for app in list(serve.status().applications):
-        if app.startswith("expert-"):
-            serve.delete(app)
+    with tiny_app(serve_cluster, model, num_replicas=2):
+        yield serve_cluster, model
 
 
 def registry_actor(model):  # noqa: ANN001, ANN201
     return ray.get_actor(actor_name(model / "state"), namespace=NAMESPACE)
-
-
-def wait_for(predicate, what: str, timeout: float = 60.0) -> float:  # noqa: ANN001
-    """Poll `predicate` until it holds; the seconds it took (fails naming `what` after `timeout`)."""
-    t0 = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
-        time.sleep(0.01)
-    return time.monotonic() - t0
 
 
 def idle(actor) -> None:  # noqa: ANN001

@@ -102,10 +102,6 @@ class RegistryActor:
         with self._cond:
             self._replicas[replica] = (time.monotonic(), version, dict(uses), active)
 
-    def leave(self, replica: str) -> None:
-        with self._cond:
-            self._replicas.pop(replica, None)
-
     def replicas(self) -> dict[str, dict[str, int]]:
         """Live replicas: the registry version each has seen and its requests in the engine."""
         with self._cond:

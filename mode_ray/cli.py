@@ -544,6 +544,14 @@ def serve(
             help="router replicas (one shared registry; a request whose replica dies runs again)",
         ),
     ] = 1,
+    warm_pool: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=16,
+            help="idle expert replicas kept started, so that a hot-add loads into one in about a second",
+        ),
+    ] = 1,
     fresh: Annotated[
         bool, typer.Option("--fresh", help="ignore the saved registry and start from --model")
     ] = False,
@@ -567,6 +575,7 @@ def serve(
         expert_root=expert_root.resolve() if expert_root else None,
         grpc_target=f"127.0.0.1:{grpc_port}",
         restore=not fresh,
+        warm_pool=warm_pool,
         expert={"num_cpus": expert_cpus, "num_gpus": expert_gpus, "max_replicas": max_replicas},
         router={"num_cpus": router_cpus, "num_replicas": router_replicas},
     )

@@ -29,6 +29,20 @@ def expert_deployment_name(name: str) -> str:
     return f"Expert-{name}"
 
 
+WARM_PREFIX = "expert-pool-"
+
+
+def is_warm_app(app: str) -> bool:
+    """A warm-pool application (mode_ray.serve.warm_pool), free or serving the expert assigned to it."""
+    return app.startswith(WARM_PREFIX)
+
+
+def expert_deployment_of(app: str, name: str) -> str:
+    """The deployment inside expert application `app` serving expert `name` (a warm one is named after its
+    application, since it was deployed before the expert was known)."""
+    return expert_deployment_name(app.removeprefix("expert-") if is_warm_app(app) else name)
+
+
 def expert_route_prefix(name: str) -> str:
     return f"/experts/{name}"
 
@@ -224,6 +238,15 @@ class AppArgs(BaseModel):
     router: RouterOptions = Field(default_factory=RouterOptions)
     ingress: IngressOptions = Field(default_factory=IngressOptions)
     restore: bool = Field(True, description="re-deploy the experts recorded in state_dir on start")
+    warm_pool: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="idle expert replicas (Serve applications of the default `expert` deployment) kept started: "
+        "a hot-add with the default deployment loads its weights into one (about a second) instead of starting "
+        "a replica process (seconds to tens of seconds); refilled in the background. Each holds the default "
+        "deployment's CPUs/GPUs while it waits",
+    )
 
     def deployment_for(self, name: str) -> ExpertDeployment:
         return self.expert_overrides.get(name, self.expert)

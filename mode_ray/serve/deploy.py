@@ -37,20 +37,29 @@ def serve_status() -> Any:
 def expert_application(expert_dir: Path | str, config: ExpertDeployment) -> serve.Application:
     """The Serve application of the expert in `expert_dir` (card read here, weights loaded in the replica)."""
     card = load_card(expert_dir)
+    return bound_application(ExpertServer, card.name, config, str(expert_dir))
+
+
+def server_args(config: ExpertDeployment) -> tuple[Any, ...]:
+    """The ExpertServer arguments after the first (expert directory, or registry actor of a warm replica)."""
+    emulate = None if config.emulate is None else config.emulate.model_dump()
+    return (
+        config.max_batch_size,
+        config.batch_wait_timeout_s,
+        config.device,
+        emulate,
+        config.chunk_rows,
+        config.max_call_rows,
+    )
+
+
+def bound_application(cls: type, name: str, config: ExpertDeployment, first: Any) -> serve.Application:
+    """`cls` (ExpertServer or WarmExpertServer) as deployment Expert-<name> with `config`'s options, bound."""
     for attempt in range(5):
         try:
             with SERVE_API_LOCK:
-                deployment = serve.deployment(ExpertServer).options(**config.deployment_options(card.name))
-                emulate = None if config.emulate is None else config.emulate.model_dump()
-                return deployment.bind(
-                    str(expert_dir),
-                    config.max_batch_size,
-                    config.batch_wait_timeout_s,
-                    config.device,
-                    emulate,
-                    config.chunk_rows,
-                    config.max_call_rows,
-                )
+                deployment = serve.deployment(cls).options(**config.deployment_options(name))
+                return deployment.bind(first, *server_args(config))
         except ValueError as e:  # Serve itself may be serialising a config in another thread of this process
             if "pickle by value" not in str(e) or attempt == 4:
                 raise
@@ -100,8 +109,22 @@ def deploy_expert(
     card = load_card(expert_dir)
     app_name = app or expert_app_name(card.name)
     prefix = expert_route_prefix(card.name) if app is None else f"/experts/{app_name}"
-    existed = app_name in serve_status().applications
     target = expert_application(expert_dir, config)
+    where = f"expert {card.name!r} (application {app_name!r}, {expert_dir})"
+    return run_application(target, app_name, prefix, where, wait_s, delete_on_failure, cancelled)
+
+
+def run_application(
+    target: serve.Application,
+    app_name: str,
+    prefix: str,
+    where: str,
+    wait_s: float = 120.0,
+    delete_on_failure: bool = True,
+    cancelled: threading.Event | None = None,
+) -> str:
+    """Run `target` as Serve application `app_name` and wait until it is RUNNING (see `deploy_expert`)."""
+    existed = app_name in serve_status().applications
     started = time.monotonic()
     with SERVE_API_LOCK:
         serve.run_many(
@@ -113,27 +136,22 @@ def deploy_expert(
         last = serve_status().applications.get(app_name)
         state = last.status.value if last is not None else "MISSING"
         if state == "RUNNING":
-            logger.info(
-                "expert %r RUNNING as %s after %.1fs", card.name, app_name, time.monotonic() - started
-            )
+            logger.info("%s RUNNING after %.1fs", where, time.monotonic() - started)
             return app_name
         elapsed = time.monotonic() - started
         if cancelled is not None and cancelled.is_set():  # a DELETE of this expert while it deploys
             if not existed:
                 with SERVE_API_LOCK:
                     serve.delete(app_name)
-            raise AddCancelled(
-                f"the add of expert {card.name!r} was cancelled by a DELETE after {elapsed:.1f}s"
-            )
+            raise AddCancelled(f"the add of {where} was cancelled by a DELETE after {elapsed:.1f}s")
         if state in ("DEPLOY_FAILED", "MISSING", "DELETING") or elapsed > wait_s:
             break
-        time.sleep(0.25)
+        time.sleep(0.1)
 
     messages = _app_messages(last) if last is not None else "the application disappeared"
     if delete_on_failure and not existed:
         with SERVE_API_LOCK:
             serve.delete(app_name, _blocking=False)
-    where = f"expert {card.name!r} (application {app_name!r}, {expert_dir})"
     cause = _root_cause(messages)
     details = f"{cause}\n\nServe status:\n{messages}" if cause else messages or "no status message"
     if state == "DEPLOY_FAILED" or state in ("MISSING", "DELETING"):

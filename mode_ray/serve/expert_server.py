@@ -109,11 +109,13 @@ class ExpertServer:
     """OIP v2 gRPC server of one expert (`expert_dir` with `expert.json` + `model.safetensors`).
 
     Loaded once per replica; `device=None` takes MODE_RAY_DEVICE, else cuda when torch sees a GPU, else cpu.
+    `expert_dir=None` starts without an expert (a warm-pool replica, `WarmExpertServer`): it answers
+    ServerLive, and ModelReady false, until `_load` gives it one.
     """
 
     def __init__(
         self,
-        expert_dir: str,
+        expert_dir: str | None,
         max_batch_size: int = 64,
         batch_wait_timeout_s: float = 0.002,
         device: str | None = None,
@@ -122,40 +124,50 @@ class ExpertServer:
         max_call_rows: int = 2048,
     ) -> None:
         self._expert: Expert | None = None
+        self.name: str | None = None
         self._chunk_rows, self._max_call_rows = chunk_rows, max_call_rows
+        self._batching = (max_batch_size, batch_wait_timeout_s)
+        self._emulate = emulate
         threads = _cpu_threads()
         if threads is not None:
             torch.set_num_threads(threads)
         if device is None:
             device = env.device()  # MODE_RAY_DEVICE, else cuda when torch sees a GPU
         if device.startswith("cuda") and not torch.cuda.is_available():
-            card = load_card(expert_dir)
+            what = "a warm expert replica" if expert_dir is None else f"expert {load_card(expert_dir).name!r}"
             raise RuntimeError(
-                f"expert {card.name!r}: device {device!r} was requested but torch sees no GPU "
+                f"{what}: device {device!r} was requested but torch sees no GPU "
                 "(give the deployment num_gpus > 0, or leave device unset)"
             )
         self.device = torch.device(device)
+        # One forward pass at a time, off the replica's event loop so that calls keep queueing meanwhile.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert")
+        self._in_serve = _in_serve_replica()
+        if expert_dir is not None:
+            self._load(expert_dir)
+
+    def _load(self, expert_dir: str) -> None:
+        """Load the expert in `expert_dir` (card + safetensors) and set up its batch queue and metrics."""
         started = time.perf_counter()
-        self._expert = load_expert(expert_dir, device=self.device)
-        if emulate is not None:  # benchmarks: a fixed-latency stand-in with the same card
-            self._expert = Expert(self._expert.card, EmulatedDenoiser(**emulate))
-        self.card: ExpertCard = self._expert.card
-        self.name = self.card.name
+        expert = load_expert(expert_dir, device=self.device)
+        if self._emulate is not None:  # benchmarks: a fixed-latency stand-in with the same card
+            expert = Expert(expert.card, EmulatedDenoiser(**self._emulate))
+        self.card: ExpertCard = expert.card
         self._cond_dim = self.card.condition.dim
         self._latent_shape = tuple(self.card.latent_shape)
-        # One forward pass at a time, off the replica's event loop so that calls keep queueing meanwhile.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"expert-{self.name}")
         # @serve.batch wrapped per instance (not on the class): the batch queue of a class-level decorator is
         # shared by every instance in the process, which would mix two experts' calls in local testing mode.
         # Its parameters stay adjustable through the documented setters.
-        self._in_serve = _in_serve_replica()
+        max_batch_size, batch_wait_timeout_s = self._batching
         if self._in_serve:
             self._infer_batch = serve.batch(
                 max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s
             )(self._forward_calls)
         else:  # mode_ray.serve.standalone: serve.batch needs a replica context, so calls run one by one
             self._infer_batch = self._forward_one
-        self._metrics = ExpertMetrics(self.name, self._in_serve)  # no-ops in mode_ray.serve.standalone
+        self._metrics = ExpertMetrics(self.card.name, self._in_serve)  # no-ops in mode_ray.serve.standalone
+        self.name = self.card.name
+        self._expert = expert  # last: the replica reports ready from here on
         logger.info(
             "expert %r v%s loaded from %s on %s in %.2fs (torch threads %d, max_batch_size %d, wait %.4fs)",
             self.name,
@@ -166,6 +178,15 @@ class ExpertServer:
             torch.get_num_threads(),
             max_batch_size,
             batch_wait_timeout_s,
+        )
+
+    def _unloaded(self) -> ExpertCallError | None:
+        """UNAVAILABLE while this (warm) replica has no expert yet."""
+        if self._expert is not None:
+            return None
+        return ExpertCallError(
+            "this warm expert replica has no expert yet (the router assigns one on hot-add)",
+            grpc.StatusCode.UNAVAILABLE,
         )
 
     # ------------------------------------------------------------------------------------------------------
@@ -320,6 +341,8 @@ class ExpertServer:
         return response_type()
 
     def _check_model(self, name: str, version: str, field: str) -> None:
+        if (unloaded := self._unloaded()) is not None:
+            raise unloaded
         # An empty name in ModelMetadata means this server's only model; ModelInfer must name it.
         if name != self.name and (name or field == "model_name"):
             raise ExpertCallError(
@@ -347,6 +370,8 @@ class ExpertServer:
 
     def _check_inputs(self, inputs: dict[str, np.ndarray]) -> tuple[_Call, np.dtype]:
         """Validate decoded inputs (from OIP or a DeploymentHandle call); the output dtype is x's."""
+        if (unloaded := self._unloaded()) is not None:
+            raise unloaded
 
         def bad(message: str) -> ExpertCallError:
             return ExpertCallError(message, grpc.StatusCode.INVALID_ARGUMENT)

@@ -51,6 +51,9 @@ class RegistryFile(BaseModel):
     version: int = 0
     experts: list[ExpertEntry] = Field(default_factory=list)
     gate: str | None = Field(None, description="the published learned gate directory (None: the model's)")
+    pool: list[str] = Field(
+        default_factory=list, description="warm expert applications that are RUNNING and serve no expert yet"
+    )
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,27 @@ class Registry:
     def remove(self, name: str) -> int:
         with self._lock:
             return self._commit(experts=[e for e in self._data.experts if e.name != name])
+
+    @property
+    def pool(self) -> list[str]:
+        return list(self._data.pool)
+
+    def assign(self, entry: ExpertEntry) -> ExpertEntry | None:
+        """Register `entry` in the first free warm application (one write: the slot leaves the pool as the
+        entry names it); None, and nothing written, when the pool is empty."""
+        with self._lock:
+            if not self._data.pool:
+                return None
+            slot, *rest = self._data.pool
+            entry = entry.model_copy(update={"app": slot})
+            others = [e for e in self._data.experts if e.name != entry.name]
+            self._commit(experts=[*others, entry], pool=rest)
+            return entry
+
+    def set_pool(self, apps: list[str]) -> int:
+        """Replace the list of free warm applications; returns the new registry version."""
+        with self._lock:
+            return self._commit(pool=list(dict.fromkeys(apps)))
 
     def set_gate(self, path: str | None) -> int:
         """Publish a learned gate directory (None: back to the model's); returns the new registry version."""

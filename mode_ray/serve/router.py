@@ -33,11 +33,17 @@ from mode_ray.models.checkpoint import (
     load_card,
 )
 from mode_ray.routing.gates import Gate
-from mode_ray.serve.config import AppArgs, ExpertDeployment, expert_app_name
+from mode_ray.serve.config import (
+    AppArgs,
+    ExpertDeployment,
+    expert_app_name,
+    expert_deployment_of,
+    is_warm_app,
+)
 from mode_ray.serve.engine import StepEngine
 from mode_ray.serve.errors import AddCancelled, ExpertCallError
 from mode_ray.serve.registry import ExpertEntry, Snapshot
-from mode_ray.serve.shared_registry import RegistryClient
+from mode_ray.serve.shared_registry import RegistryClient, actor_name
 from mode_ray.serve.transport import ExpertClient, client_for
 
 log = logging.getLogger("ray.serve")
@@ -81,10 +87,12 @@ class Router:
         self._adding: dict[str, tuple[asyncio.Task, threading.Event]] = {}  # hot-adds in progress
         self.engine = StepEngine(self.config, self.args.router, self._client)
         self._lock = asyncio.Lock()
+        self._pool_wake = asyncio.Event()  # a hot-add took a warm application: refill now
         loop = asyncio.get_running_loop()
         self._sync_task = loop.create_task(self._sync())  # heartbeats (startup claims need them) and news
         self._started = loop.create_task(self._start())
         await asyncio.shield(self._started)  # the app is RUNNING only once every expert answers ModelReady
+        self._pool_task = loop.create_task(self._keep_pool())
 
     def _build_gate(self, published: str | None) -> Gate:
         return build_gate(self.config.gate, self.args.model_dir, Path(published) if published else None)
@@ -169,8 +177,73 @@ class Router:
                 if e.state == "draining":  # a drain interrupted by a restart: finish it
                     await self._teardown(e)
             await self._take_gate()
+            await self._prune_pool()
         finally:
             await actor.finish_startup.remote(me)
+
+    # ---- the warm pool (mode_ray.serve.warm_pool) ------------------------------------------------------
+    async def _prune_pool(self) -> None:
+        """At start: forget free warm applications Serve no longer runs, and delete the ones beyond
+        `warm_pool` and the orphans (deployed by a replica that died before it could add them to the pool)."""
+        from mode_ray.serve.deploy import serve_status
+
+        apps = (await asyncio.to_thread(serve_status)).applications
+        running = [a for a, st in apps.items() if is_warm_app(a) and st.status.value == "RUNNING"]
+        data, orphans = await self.registry.actor.prune_pool.remote(running, self.args.warm_pool)
+        self.registry.accept(data)
+        for app in orphans:
+            log.info("deleting warm application %s (beyond warm_pool, or an orphan)", app)
+            await self._delete_app(app)
+
+    async def _keep_pool(self) -> None:
+        """Keep `warm_pool` free warm applications: deploy what the registry actor plans for this replica
+        (replicas share the work; a dead replica's unfinished ones are planned again), every 2 s or at once
+        after a hot-add took one."""
+        from mode_ray.serve.warm_pool import deploy_warm, new_warm_names
+
+        actor, me, target = self.registry.actor, self.registry.replica, self.args.warm_pool
+        while target > 0:
+            try:
+                for app in await actor.plan_pool.remote(me, target, new_warm_names(target)):
+                    started = time.monotonic()
+                    try:
+                        await asyncio.to_thread(
+                            deploy_warm, app, actor_name(self.args.state_dir), self.args.expert
+                        )
+                    except Exception as e:  # noqa: BLE001 - e.g. no resources for it now: try again later
+                        await actor.slot_failed.remote(app)
+                        log.warning("warm application %s failed to deploy (%s); retrying in 10 s", app, e)
+                        await asyncio.sleep(10)
+                        continue
+                    self.registry.accept(await actor.slot_ready.remote(app))
+                    log.info("warm application %s ready in %.1fs", app, time.monotonic() - started)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the registry actor restarting
+                log.warning("warm pool upkeep failed (%r); retrying", e)
+            self._pool_wake.clear()
+            try:
+                await asyncio.wait_for(self._pool_wake.wait(), 2.0)
+            except TimeoutError:
+                pass
+
+    async def _load_warm(self, entry: ExpertEntry) -> None:
+        """Ask a warm application to load the expert its registry entry assigns it; a ValueError (HTTP 400)
+        naming the problem when the load fails."""
+        from ray import serve
+
+        app = entry.application
+        handle = serve.get_deployment_handle(expert_deployment_of(app, entry.name), app)
+        try:
+            loaded = await handle.load.remote()
+        except Exception as e:  # noqa: BLE001 - the replica's own error, through Ray
+            detail = str(getattr(e, "cause", None) or e).strip().splitlines()
+            raise ValueError(
+                f"path: expert {entry.name!r} failed to load in warm application {app!r}: "
+                f"{detail[-1] if detail else type(e).__name__}"
+            ) from None
+        if loaded is None:
+            raise RuntimeError(f"warm application {app!r} found no registry entry naming it")
 
     async def _take_gate(self) -> None:
         if self.registry.gate != self._gate_path:
@@ -196,6 +269,8 @@ class Router:
                 raise CheckpointError(f"expert {entry.name!r} has no path to deploy from")
             config = deployment or self.args.deployment_for(entry.name)
             await asyncio.to_thread(self._deploy, Path(entry.path), config, entry.application, cancelled)
+            if is_warm_app(entry.application):
+                await self._load_warm(entry)
         client = self._client(entry)
         deadline = time.monotonic() + 180
         while not await client.ready(timeout=5):
@@ -211,37 +286,45 @@ class Router:
             await self.registry.set_state(entry.name, "ready")
         log.info("expert %s ready (registry version %d)", entry.name, self.registry.version)
 
-    @staticmethod
     def _deploy(
-        path: Path, deployment: ExpertDeployment, app: str, cancelled: threading.Event | None = None
+        self, path: Path, deployment: ExpertDeployment, app: str, cancelled: threading.Event | None = None
     ) -> None:
         """Deploy as Serve application `app` unless it is already RUNNING (a router restart must not restart
-        healthy experts)."""
+        healthy experts); a warm application is deployed as one again (its replicas load the expert)."""
         from mode_ray.serve.deploy import deploy_expert, serve_status
+        from mode_ray.serve.warm_pool import deploy_warm
 
         status = serve_status().applications.get(app)
         if status is not None and status.status.value == "RUNNING":
+            return
+        if is_warm_app(app):
+            deploy_warm(app, actor_name(self.args.state_dir), deployment)
             return
         default = app == expert_app_name(load_card(path).name)
         deploy_expert(path, deployment, cancelled=cancelled, app=None if default else app)
 
     @staticmethod
-    async def _delete_app(entry: ExpertEntry) -> None:
-        if entry.endpoint != "serve":
+    async def _delete_app(entry: ExpertEntry | str) -> None:
+        """Delete the Serve application of `entry` (nothing for an external endpoint), or the one named."""
+        if isinstance(entry, ExpertEntry) and entry.endpoint != "serve":
             return
         from ray import serve
 
         from mode_ray.serve.deploy import SERVE_API_LOCK
 
+        app = entry.application if isinstance(entry, ExpertEntry) else entry
+
         def delete() -> None:
             with SERVE_API_LOCK:
-                if entry.application in serve.status().applications:
-                    serve.delete(entry.application)
+                if app in serve.status().applications:
+                    serve.delete(app)
 
         await asyncio.to_thread(delete)
 
     async def _teardown(self, entry: ExpertEntry) -> None:
         await self._delete_app(entry)
+        if is_warm_app(entry.application):
+            self._pool_wake.set()
         if (
             current := self.registry.get(entry.name)
         ) is not None and current.application == entry.application:
@@ -262,10 +345,12 @@ class Router:
                     "version": e.version,
                     "endpoint": e.endpoint,
                     "state": e.state,
+                    "application": e.application if e.endpoint == "serve" else None,
                     "card": e.card.model_dump(mode="json"),
                 }
                 for e in self.registry.entries()
             ],
+            "warm_pool": {"target": self.args.warm_pool, "free": self.registry.pool},
         }
 
     def _resolve_path(self, raw: str, roots: dict[str, Path] | None = None) -> Path:
@@ -323,7 +408,16 @@ class Router:
         entry = ExpertEntry(
             name=card.name, version=card.version, card=card, path=str(path), endpoint=request.endpoint
         )
-        await self.registry.add(entry)  # atomic across router replicas: FileExistsError if the name is taken
+        # a default deployment takes a free warm application when there is one (mode_ray.serve.warm_pool)
+        warm = (
+            request.endpoint == "serve"
+            and request.deployment is None
+            and card.name not in self.args.expert_overrides
+        )
+        # atomic across router replicas: FileExistsError if the name is taken
+        entry = await self.registry.add(entry, warm=warm)
+        if is_warm_app(entry.application):
+            self._pool_wake.set()
         cancelled = threading.Event()
         task = asyncio.ensure_future(self._bring_up(entry, request.deployment, True, cancelled))
         self._adding[card.name] = (task, cancelled)

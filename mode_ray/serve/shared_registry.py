@@ -8,6 +8,8 @@ by long-polling the actor (a change reaches every replica within `POLL_S`).
       heartbeat(replica, seen_version, uses)    every replica, every poll
       drained(name, version)              every live replica has seen `version` and uses `name` no more
       claim_startup / finish_startup      one replica at a time restores or seeds the registry
+      plan_pool / slot_ready / slot_failed / prune_pool
+                                          the warm pool: which replica deploys which warm application
 
 Writes go through the actor one at a time, so two admin calls on two replicas cannot corrupt the registry or
 register (and deploy) one expert twice. A request keeps the snapshot (registry version, experts, gate) it was
@@ -49,6 +51,7 @@ class RegistryActor:
         self._startup: tuple[str, bool] | None = None  # (replica, finished)
         self._fresh_done = False
         self._changing: dict[str, str] = {}  # expert name -> the replica replacing it
+        self._starting: dict[str, str] = {}  # warm application being deployed -> the replica deploying it
 
     def _data(self) -> RegistryFile:
         if self.error is not None:
@@ -78,6 +81,16 @@ class RegistryActor:
             if self.registry.get(entry.name) is not None:
                 raise FileExistsError(f"an expert named {entry.name!r} is already registered")
             return self._write(self.registry.upsert, entry)
+
+    def add_warm(self, entry: ExpertEntry) -> RegistryFile:
+        """`add`, into a free warm application when the pool has one (the entry's `app` names it)."""
+        with self._cond:
+            if self.registry.get(entry.name) is not None:
+                raise FileExistsError(f"an expert named {entry.name!r} is already registered")
+            if self.registry.assign(entry) is None:
+                self.registry.upsert(entry)
+            self._cond.notify_all()
+            return self._data()
 
     def upsert(self, entry: ExpertEntry) -> RegistryFile:
         return self._write(self.registry.upsert, entry)
@@ -144,6 +157,42 @@ class RegistryActor:
             if self._startup is not None and self._startup[0] == replica:
                 self._startup = (replica, True)
 
+    # ---- the warm pool -----------------------------------------------------------------------------
+    def plan_pool(self, replica: str, target: int, new_names: list[str]) -> list[str]:
+        """The warm applications `replica` should deploy now: enough of `new_names` to bring free plus starting
+        ones up to `target`. A dead replica's unfinished ones are forgotten (and deployed again)."""
+        with self._cond:
+            live = self._live()
+            self._starting = {a: r for a, r in self._starting.items() if r in live or r == replica}
+            missing = target - len(self._data().pool) - len(self._starting)
+            apps = new_names[: max(0, missing)]
+            self._starting.update(dict.fromkeys(apps, replica))
+            return apps
+
+    def slot_ready(self, app: str) -> RegistryFile:
+        """A warm application is RUNNING: it joins the pool."""
+        with self._cond:
+            self._starting.pop(app, None)
+            return self._write(self.registry.set_pool, [*self._data().pool, app])
+
+    def slot_failed(self, app: str) -> None:
+        with self._cond:
+            self._starting.pop(app, None)
+
+    def prune_pool(self, running: list[str], target: int) -> tuple[RegistryFile, list[str]]:
+        """Given the warm applications RUNNING on Serve: drop free ones that are not (a cluster restart) and
+        free ones beyond `target`; returns the registry and the applications to delete: those beyond `target`
+        and the orphans, RUNNING ones nobody knows of (a replica died between deploying and `slot_ready`)."""
+        with self._cond:
+            data = self._data()
+            known = set(self._starting) | {e.app for e in data.experts if e.app}
+            alive = [a for a in data.pool if a in running]
+            keep = alive[: max(0, target)]
+            if keep != data.pool:
+                self._write(self.registry.set_pool, keep)
+            doomed = [a for a in running if a not in known and a not in keep]
+            return self._data(), doomed
+
     def fresh_once(self) -> bool:
         """True the first time only: a fresh start (restore: false) forgets hot-added experts once, not again
         each time a router replica restarts or is added."""
@@ -206,6 +255,10 @@ class RegistryClient:
     def gate(self) -> str | None:
         return self._data.gate
 
+    @property
+    def pool(self) -> list[str]:
+        return list(self._data.pool)
+
     def entries(self) -> list[ExpertEntry]:
         return [e.model_copy() for e in self._data.experts]
 
@@ -227,8 +280,13 @@ class RegistryClient:
         self.accept(await getattr(self.actor, method).remote(*args))
         return self._data.version
 
-    async def add(self, entry: ExpertEntry) -> int:
-        return await self._write("add", entry)
+    async def add(self, entry: ExpertEntry, warm: bool = False) -> ExpertEntry:
+        """Register a new expert (into a free warm application when `warm` and the pool has one); the entry
+        as registered."""
+        await self._write("add_warm" if warm else "add", entry)
+        registered = self.get(entry.name)
+        assert registered is not None
+        return registered
 
     async def upsert(self, entry: ExpertEntry) -> int:
         return await self._write("upsert", entry)

@@ -23,7 +23,7 @@ import torch
 
 from mode_ray.proto.inference import grpc_predict_v2_pb2 as pb
 from mode_ray.proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from mode_ray.serve.config import expert_app_name, expert_deployment_name
+from mode_ray.serve.config import expert_app_name, expert_deployment_of
 from mode_ray.serve.errors import ExpertCallError
 from mode_ray.serve.oip import decode_infer_response, decode_parameters, encode_infer_request
 
@@ -152,7 +152,7 @@ class HandleExpertClient:
         if self._handle is None:
             from ray import serve
 
-            self._handle = serve.get_deployment_handle(expert_deployment_name(self.name), self.app)
+            self._handle = serve.get_deployment_handle(expert_deployment_of(self.app, self.name), self.app)
         return self._handle
 
     async def infer(

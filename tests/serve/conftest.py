@@ -61,9 +61,10 @@ def serve_cluster(ray_session: None) -> Iterator[ServeCluster]:
 
 
 @contextlib.contextmanager
-def tiny_app(cluster: ServeCluster, model: Path, **router: Any) -> Iterator[Path]:
-    """The tiny mixture in `model` (tests/tiny.py) deployed as the `mode-ray` app with these router options
-    (small CPU shares for the 2-CPU session cluster); the app and every expert app deleted afterwards."""
+def tiny_app(cluster: ServeCluster, model: Path, warm_pool: int = 0, **router: Any) -> Iterator[Path]:
+    """The tiny mixture in `model` (tests/tiny.py) deployed as the `mode-ray` app with `warm_pool` and these
+    router options (small CPU shares for the 2-CPU session cluster); the app and every expert app (warm ones
+    too) deleted afterwards."""
     from ray import serve
 
     from mode_ray.serve.app import build_app
@@ -73,6 +74,7 @@ def tiny_app(cluster: ServeCluster, model: Path, **router: Any) -> Iterator[Path
         model_dir=model,
         state_dir=model / "state",
         grpc_target=cluster.grpc_target,
+        warm_pool=warm_pool,
         expert={"num_cpus": 0.1, "max_replicas": 1},
         router={"num_cpus": 0.1, **router},
     )

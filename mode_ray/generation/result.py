@@ -84,6 +84,8 @@ class GenerationResult:
     timing: list[dict] | None = None
     trace_mode: str = "full"  # "full": one trace row per image; "summary": one averaged row; "none"
     attempts: int = 1  # router replicas it ran on: > 1 when one died under it and it was run again
+    cold_starts: dict[str, float] = field(default_factory=dict)  # expert -> seconds a call waited for its
+    # replica to start (an expert scaled to zero, or one whose replicas were all lost)
 
     def with_trace(self, mode: TraceMode) -> GenerationResult:
         """This result with its trace as asked: "full", "summary" (`StepTrace.summary` per evaluation), "none",
@@ -117,6 +119,7 @@ class GenerationResult:
             "trace": [t.to_dict() for t in self.trace],
             "trace_mode": self.trace_mode,
             "attempts": self.attempts,
+            "cold_starts": self.cold_starts,
             "dropped_mass": self.dropped_mass,
             "registry_version": self.registry_version,
             "seconds": self.seconds,
@@ -138,6 +141,7 @@ class GenerationResult:
             timing=body.get("timing"),
             trace_mode=body.get("trace_mode", "full"),
             attempts=int(body.get("attempts", 1)),
+            cold_starts={str(k): float(v) for k, v in body.get("cold_starts", {}).items()},
         )
 
 

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mode_ray import env
+from mode_ray.serve.autoscaling import POLICY as BUSY_POLICY
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "pretrained" / "mnist"
 APP_NAME = "mode-ray"
@@ -64,10 +65,38 @@ class ExpertDeployment(BaseModel):
     num_gpus: float = Field(
         0.0, ge=0, description="GPUs per replica; fractions pack small experts on one GPU"
     )
-    min_replicas: int = Field(1, ge=1, description=">= 1: scale-to-zero would stall a trajectory mid-way")
+    min_replicas: int = Field(
+        1,
+        ge=0,
+        description="0: scale to zero when idle (after downscale_to_zero_delay_s); a call to it then waits for a "
+        "replica to start (bounded by the router's call_timeout_s and the request's deadline) and the reply's "
+        "cold_starts says so",
+    )
     max_replicas: int = Field(2, ge=1)
-    initial_replicas: int | None = Field(None, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_busy: float = Field(
+        0.6,
+        gt=0,
+        le=1,
+        description="autoscaling target: the fraction of time a replica spends in forward passes "
+        "(mode_ray.serve.autoscaling); Serve's queue-length estimate still applies when it asks for more",
+    )
     target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0, description="Serve: how long a scale-up decision must hold")
+    downscale_delay_s: float = Field(
+        600.0, ge=0, description="Serve: how long a scale-down decision must hold"
+    )
+    downscale_to_zero_delay_s: float | None = Field(
+        None,
+        ge=0,
+        description="Serve: how long before the last replica goes (min_replicas 0); default downscale_delay_s",
+    )
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Serve: the window the metrics are averaged over"
+    )
+    metrics_interval_s: float = Field(
+        10.0, gt=0, description="Serve: how often replicas report their metrics"
+    )
     max_ongoing_requests: int = Field(64, ge=1, description=">= max_batch_size, or Serve never fills a batch")
     max_queued_requests: int = Field(256, ge=-1, description="-1: unbounded")
     max_batch_size: int = Field(64, ge=1, description="@serve.batch: calls merged into one forward pass")
@@ -120,7 +149,17 @@ class ExpertDeployment(BaseModel):
             "min_replicas": self.min_replicas,
             "max_replicas": self.max_replicas,
             "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "look_back_period_s": self.look_back_period_s,
+            "metrics_interval_s": self.metrics_interval_s,
+            "policy": {
+                "policy_function": BUSY_POLICY,
+                "policy_kwargs": {"target_busy": self.target_busy},
+            },
         }
+        if self.downscale_to_zero_delay_s is not None:
+            autoscaling["downscale_to_zero_delay_s"] = self.downscale_to_zero_delay_s
         if self.initial_replicas is not None:
             autoscaling["initial_replicas"] = self.initial_replicas
         return {

@@ -20,7 +20,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -90,6 +90,9 @@ class _Active:
     timing: list[dict] | None = None  # per tick it took part in: the tick's TickTiming.to_dict(), when asked
     cohort: int = 0  # which of the engine's out-of-phase tick loops steps it
     reported: int = 0  # evaluations of its slowest lane already reported to on_progress
+    cold_starts: dict[str, float] = field(
+        default_factory=dict
+    )  # expert -> longest call that waited for a replica
 
     @property
     def evals(self) -> int:
@@ -318,6 +321,12 @@ class StepEngine:
             if isinstance(result, ExpertReply):
                 self.expert_busy_s[call.expert] = self.expert_busy_s.get(call.expert, 0.0) + result.forward_s
                 outputs[call.group].setdefault(call.index, []).append((call.rows, result.x0_hat))
+                if result.cold_start:  # the reply says so: this call waited for the expert's replica to start
+                    for i in call.parts:
+                        a = groups[call.group][i][0]
+                        a.cold_starts[call.expert] = round(
+                            max(a.cold_starts.get(call.expert, 0.0), result.wire_s), 3
+                        )
             else:
                 for i in call.parts:
                     failed[call.group].setdefault(i, set()).add(call.index)
@@ -455,7 +464,8 @@ class StepEngine:
             seconds = time.monotonic() - a.started
             self.metrics.requests.inc(tags={"outcome": "ok"})
             version = a.snapshot.version
-            a.future.set_result(merge_results([s.result(a.id, version, seconds, a.timing) for s in a.lanes]))
+            result = merge_results([s.result(a.id, version, seconds, a.timing) for s in a.lanes])
+            a.future.set_result(replace(result, cold_starts=dict(a.cold_starts)))
 
     def _fail(self, a: _Active, error: Exception) -> None:
         if not a.future.done():

@@ -143,6 +143,9 @@ class ExpertServer:
         # One forward pass at a time, off the replica's event loop so that calls keep queueing meanwhile.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert")
         self._in_serve = _in_serve_replica()
+        self._born = time.monotonic()  # replies carry the replica's age: a call older than it waited for it
+        self._busy_s, self._rows = 0.0, 0  # forward-pass seconds and rows since start (autoscaling stats)
+        self._reported = (time.monotonic(), 0.0, 0)
         if expert_dir is not None:
             self._load(expert_dir)
 
@@ -207,6 +210,18 @@ class ExpertServer:
             "max_batch_size": self._infer_batch._get_max_batch_size(),
             "batch_wait_timeout_s": self._infer_batch._get_batch_wait_timeout_s(),
         }
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics (read by mode_ray.serve.autoscaling.BusyPolicy) since the last
+        report: `busy`, forward-pass seconds per wall second (0..1), and `rows_per_s`."""
+        now = time.monotonic()
+        at, busy, rows = self._reported
+        self._reported = (now, self._busy_s, self._rows)
+        dt = max(now - at, 1e-6)
+        return {"busy": min(1.0, (self._busy_s - busy) / dt), "rows_per_s": (self._rows - rows) / dt}
+
+    def _age_ms(self) -> float:
+        return round((time.monotonic() - self._born) * 1e3, 3)
 
     # ------------------------------------------------------------------------------------------------------
     # health
@@ -281,7 +296,7 @@ class ExpertServer:
             self.card.version,
             {OUTPUT: result.x0_hat.astype(out_dtype, copy=False)},
             request.id,
-            parameters=result.parameters(),
+            parameters={**result.parameters(), "age_ms": self._age_ms()},
         )
 
     async def infer_arrays(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, float | int]]:
@@ -292,7 +307,7 @@ class ExpertServer:
         if call.rows == 0:
             return np.zeros((0, *self._latent_shape), out_dtype), {}
         result = await self._run(call)
-        return result.x0_hat.astype(out_dtype, copy=False), result.parameters()
+        return result.x0_hat.astype(out_dtype, copy=False), {**result.parameters(), "age_ms": self._age_ms()}
 
     async def _run(self, call: _Call) -> _Result:
         """A call of up to chunk_rows rows is one item of the @serve.batch queue; a larger one (a direct OIP
@@ -436,6 +451,8 @@ class ExpertServer:
         out = await loop.run_in_executor(self._executor, self._forward, calls)
         forward_s = time.perf_counter() - started
         total = out.shape[0]
+        self._busy_s += forward_s
+        self._rows += total
         self._metrics.answered_calls_total.inc(len(calls))
         self._metrics.rows_total.inc(total)
         self._metrics.batch_rows.observe(total)

@@ -203,6 +203,8 @@ class Ingress:
             "X-Registry-Version": str(result.registry_version),
             "X-Attempts": str(result.attempts),
         }
+        if result.cold_starts:  # e.g. "digits-0-6=3.1": the seconds a call waited for the expert to start
+            headers["X-Cold-Starts"] = ",".join(f"{k}={v}" for k, v in result.cold_starts.items())
         return Response(result.png(), media_type="image/png", headers=headers)
 
     @api.get("/v1/experts")
@@ -267,6 +269,7 @@ class Ingress:
             registry_version=r.registry_version or 0,
             trace_mode=r.trace_mode,
             attempts=r.attempts,
+            cold_starts=r.cold_starts,
         )
         if output == "raw":
             arr = r.raw()

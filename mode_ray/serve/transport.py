@@ -35,7 +35,8 @@ Transport = Literal["grpc", "handle"]
 @dataclass(frozen=True)
 class ExpertReply:
     """x0_hat: (R, C, H, W) float32, and where the call's time went (seconds): encode and decode in the
-    router, wire from send to reply, forward / queue as the expert reported them (0 when it does not)."""
+    router, wire from send to reply, forward / queue as the expert reported them (0 when it does not), and
+    the answering replica's age (None when not reported)."""
 
     x0_hat: torch.Tensor
     encode_s: float = 0.0
@@ -43,6 +44,13 @@ class ExpertReply:
     decode_s: float = 0.0
     forward_s: float = 0.0
     queue_s: float = 0.0
+    age_s: float | None = None
+
+    @property
+    def cold_start(self) -> bool:
+        """The call was sent before the replica that answered it existed: it waited for a replica to start
+        (scale from zero, or every replica lost)."""
+        return self.age_s is not None and self.wire_s > self.age_s
 
 
 class ExpertClient(Protocol):
@@ -124,7 +132,13 @@ class GrpcExpertClient:
             raise ExpertCallError(f"expert {self.name!r} replied without a valid x0_hat: {e}") from None
         x0 = _x0_hat(self.name, out, x)
         return ExpertReply(
-            x0, t1 - t0, t2 - t1, time.perf_counter() - t2, _ms(params, "forward_ms"), _ms(params, "queue_ms")
+            x0,
+            t1 - t0,
+            t2 - t1,
+            time.perf_counter() - t2,
+            _ms(params, "forward_ms"),
+            _ms(params, "queue_ms"),
+            _ms(params, "age_ms") if "age_ms" in params else None,
         )
 
     async def ready(self, timeout: float = 5.0) -> bool:
@@ -183,7 +197,13 @@ class HandleExpertClient:
         t2 = time.perf_counter()
         x0 = _x0_hat(self.name, out, x)
         return ExpertReply(
-            x0, t1 - t0, t2 - t1, time.perf_counter() - t2, _ms(params, "forward_ms"), _ms(params, "queue_ms")
+            x0,
+            t1 - t0,
+            t2 - t1,
+            time.perf_counter() - t2,
+            _ms(params, "forward_ms"),
+            _ms(params, "queue_ms"),
+            _ms(params, "age_ms") if "age_ms" in params else None,
         )
 
     async def ready(self, timeout: float = 5.0) -> bool:

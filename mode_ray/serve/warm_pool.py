@@ -93,6 +93,8 @@ class WarmExpertServer(ExpertServer):
 
 
 def deploy_warm(app: str, registry: str, config: ExpertDeployment, wait_s: float = 120.0) -> str:
-    """Deploy warm application `app` (WarmExpertServer with `config`) and wait until it is RUNNING."""
+    """Deploy warm application `app` (WarmExpertServer with `config`) and wait until it is RUNNING. It keeps at
+    least one replica even when `config` scales to zero: an idle warm replica is its whole point."""
+    config = config.model_copy(update={"min_replicas": max(1, config.min_replicas)})
     target = bound_application(WarmExpertServer, app.removeprefix("expert-"), config, registry)
     return run_application(target, app, f"/experts/{app}", f"warm expert application {app!r}", wait_s)

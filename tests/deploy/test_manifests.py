@@ -203,8 +203,9 @@ def test_local_config_is_loopback_cpu_only() -> None:
     schema, _, args = check_serve_config(cfg, "local-cpu.yaml")
     assert schema.http_options.host == "127.0.0.1"
     assert args.expert.num_gpus == 0
-    # 2 cores: four experts at their minimum, the router and the ingress (0.1) must fit.
-    assert 4 * args.expert.num_cpus * args.expert.min_replicas + args.router.num_cpus + 0.1 <= 2
+    # 2 cores: four experts at their minimum, the warm pool, the router and the ingress (0.1) must fit.
+    experts = (4 * args.expert.min_replicas + args.warm_pool) * args.expert.num_cpus
+    assert args.warm_pool >= 1 and experts + args.router.num_cpus + 0.1 <= 2
 
 
 def test_gpu_config_uses_gpus_and_shared_state() -> None:

@@ -61,10 +61,17 @@ def serve_cluster(ray_session: None) -> Iterator[ServeCluster]:
 
 
 @contextlib.contextmanager
-def tiny_app(cluster: ServeCluster, model: Path, warm_pool: int = 0, **router: Any) -> Iterator[Path]:
-    """The tiny mixture in `model` (tests/tiny.py) deployed as the `mode-ray` app with `warm_pool` and these
-    router options (small CPU shares for the 2-CPU session cluster); the app and every expert app (warm ones
-    too) deleted afterwards."""
+def tiny_app(
+    cluster: ServeCluster,
+    model: Path,
+    warm_pool: int = 0,
+    expert: dict[str, Any] | None = None,
+    expert_overrides: dict[str, dict[str, Any]] | None = None,
+    **router: Any,
+) -> Iterator[Path]:
+    """The tiny mixture in `model` (tests/tiny.py) deployed as the `mode-ray` app with `warm_pool`, expert
+    deployment settings (over small CPU shares for the 2-CPU session cluster) and these router options; the
+    app and every expert app (warm ones too) deleted afterwards."""
     from ray import serve
 
     from mode_ray.serve.app import build_app
@@ -75,7 +82,8 @@ def tiny_app(cluster: ServeCluster, model: Path, warm_pool: int = 0, **router: A
         state_dir=model / "state",
         grpc_target=cluster.grpc_target,
         warm_pool=warm_pool,
-        expert={"num_cpus": 0.1, "max_replicas": 1},
+        expert={"num_cpus": 0.1, "max_replicas": 1, **(expert or {})},
+        expert_overrides=expert_overrides or {},
         router={"num_cpus": 0.1, **router},
     )
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")

@@ -42,7 +42,14 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., class_label: _Optional[int] = ..., num_images: _Optional[int] = ..., steps: _Optional[int] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_weight: _Optional[float] = ..., experts: _Optional[_Iterable[str]] = ..., exclude_experts: _Optional[_Iterable[str]] = ..., output: _Optional[str] = ..., deadline_s: _Optional[float] = ..., trace: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("png", "images", "shape", "labels", "trace", "request_id", "seconds", "seed", "dropped_mass", "registry_version", "trace_mode", "attempts")
+    __slots__ = ("png", "images", "shape", "labels", "trace", "request_id", "seconds", "seed", "dropped_mass", "registry_version", "trace_mode", "attempts", "cold_starts")
+    class ColdStartsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     PNG_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +62,7 @@ class GenerateResponse(_message.Message):
     REGISTRY_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRACE_MODE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    COLD_STARTS_FIELD_NUMBER: _ClassVar[int]
     png: bytes
     images: bytes
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -67,7 +75,8 @@ class GenerateResponse(_message.Message):
     registry_version: int
     trace_mode: str
     attempts: int
-    def __init__(self, png: _Optional[bytes] = ..., images: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., trace: _Optional[_Iterable[_Union[StepTrace, _Mapping]]] = ..., request_id: _Optional[str] = ..., seconds: _Optional[float] = ..., seed: _Optional[int] = ..., dropped_mass: _Optional[float] = ..., registry_version: _Optional[int] = ..., trace_mode: _Optional[str] = ..., attempts: _Optional[int] = ...) -> None: ...
+    cold_starts: _containers.ScalarMap[str, float]
+    def __init__(self, png: _Optional[bytes] = ..., images: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., trace: _Optional[_Iterable[_Union[StepTrace, _Mapping]]] = ..., request_id: _Optional[str] = ..., seconds: _Optional[float] = ..., seed: _Optional[int] = ..., dropped_mass: _Optional[float] = ..., registry_version: _Optional[int] = ..., trace_mode: _Optional[str] = ..., attempts: _Optional[int] = ..., cold_starts: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class StepTrace(_message.Message):
     __slots__ = ("step", "sigma", "rows")

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mode_ray import env
-from mode_ray.serve.autoscaling import POLICY as BUSY_POLICY
+from mode_ray.serve.autoscaling import POLICY as LOAD_POLICY
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "pretrained" / "mnist"
 APP_NAME = "mode-ray"
@@ -74,12 +74,13 @@ class ExpertDeployment(BaseModel):
     )
     max_replicas: int = Field(2, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
-    target_busy: float = Field(
-        0.6,
+    target_load: float = Field(
+        1.0,
         gt=0,
-        le=1,
-        description="autoscaling target: the fraction of time a replica spends in forward passes "
-        "(mode_ray.serve.autoscaling); Serve's queue-length estimate still applies when it asks for more",
+        le=64,
+        description="autoscaling target (mode_ray.serve.autoscaling): calls a replica holds on average, running "
+        "or waiting, measured in time; 1 matches replicas to the calls that overlap, below 1 leaves headroom. "
+        "Serve's queue-length estimate still applies when it asks for more",
     )
     target_ongoing_requests: float = Field(2.0, gt=0)
     upscale_delay_s: float = Field(30.0, ge=0, description="Serve: how long a scale-up decision must hold")
@@ -154,8 +155,8 @@ class ExpertDeployment(BaseModel):
             "look_back_period_s": self.look_back_period_s,
             "metrics_interval_s": self.metrics_interval_s,
             "policy": {
-                "policy_function": BUSY_POLICY,
-                "policy_kwargs": {"target_busy": self.target_busy},
+                "policy_function": LOAD_POLICY,
+                "policy_kwargs": {"target_load": self.target_load},
             },
         }
         if self.downscale_to_zero_delay_s is not None:

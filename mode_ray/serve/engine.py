@@ -5,7 +5,10 @@ Every tick, for the lanes the scheduler picks (`mode_ray.generation.batch`, the 
 call per chosen expert, all in flight at once -> one combine and every lane's sampler step. Finished requests
 leave; queued ones join the next tick. A failed or late expert call is retried once; then the expert is
 dropped for that step and the other weights renormalised (the dropped mass goes into the trace); a request
-fails only when a row loses every chosen expert, or when its deadline passes.
+fails only when a row loses every chosen expert, or when its deadline passes. An expert whose call failed
+twice is not called again until it answers ModelReady (probed in the background every PROBE_S): its rows
+are dropped at once meanwhile, so that a lost expert (a dead node, all replicas gone) does not cost every
+later tick a call timeout.
 
 Fair, cost-aware scheduling: a request's images are independent trajectories, so it is split into lanes of
 at most `lane_images` images (see `StepEngine.pick`): small requests step every tick, large ones advance a
@@ -41,6 +44,8 @@ from mode_ray.serve.metrics import RouterMetrics
 from mode_ray.serve.registry import ExpertEntry, Snapshot
 from mode_ray.serve.transport import ExpertClient, ExpertReply
 
+PROBE_S = 0.5  # how often an expert whose calls failed is asked ModelReady
+PROBE_FOR_S = 600.0  # after this long, stop probing and call it again (it may have been replaced)
 PHASES = ("gate", "plan", "encode", "wire", "queue", "expert", "decode", "combine", "idle", "overhead")
 
 
@@ -141,6 +146,7 @@ class StepEngine:
         self._active: list[_Active] = []
         self._wake = [asyncio.Event() for _ in range(options.cohorts)]
         self._loop_tasks: list[asyncio.Task | None] = [None] * options.cohorts
+        self._unavailable: dict[ExpertClient, asyncio.Task] = {}  # failed experts, each probed until ready
 
     # ---- admission -------------------------------------------------------------------------------
     def uses(self) -> dict[str, int]:
@@ -399,6 +405,15 @@ class StepEngine:
         return max(0.05, min(self.options.call_timeout_s, remaining))
 
     async def _call_with_retry(self, call: _Call, plan: BatchPlan, timeout: float) -> ExpertReply | Exception:
+        probe = self._unavailable.get(call.client)
+        if probe is not None:
+            if not probe.done():
+                self.metrics.expert_calls.inc(tags={"expert": call.expert, "outcome": "skipped"})
+                return ExpertCallError(
+                    f"expert {call.expert!r} is unavailable: its last call failed twice and it has not "
+                    "answered ModelReady since"
+                )
+            del self._unavailable[call.client]
         x, sigma = plan.x[call.rows], plan.sigma[call.rows]
         cond = None if plan.cond is None else plan.cond[call.rows]
         error: Exception = ExpertCallError("not called")
@@ -415,6 +430,8 @@ class StepEngine:
                 self.metrics.expert_calls.inc(
                     tags={"expert": call.expert, "outcome": "retry" if attempt == 0 else "failed"}
                 )
+        if call.client not in self._unavailable:
+            self._unavailable[call.client] = asyncio.ensure_future(_until_ready(call.client))
         return error
 
     async def _offload(self, fn: Callable, groups: list[list[Lane]], *args: object) -> Any:
@@ -525,3 +542,15 @@ def _combine(
             lost = advance_batch(states, plan, x0, fail, rows)
         settled.append((lost, before))
     return settled
+
+
+async def _until_ready(client: ExpertClient) -> None:
+    """Returns once `client` answers ModelReady (or after PROBE_FOR_S): the engine calls it again then."""
+    deadline = time.monotonic() + PROBE_FOR_S
+    while time.monotonic() < deadline:
+        try:
+            if await client.ready(timeout=5.0):
+                return
+        except Exception:  # noqa: BLE001 - any failure to answer is "not ready"
+            pass
+        await asyncio.sleep(PROBE_S)

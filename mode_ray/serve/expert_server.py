@@ -144,8 +144,9 @@ class ExpertServer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert")
         self._in_serve = _in_serve_replica()
         self._born = time.monotonic()  # replies carry the replica's age: a call older than it waited for it
-        self._busy_s, self._rows = 0.0, 0  # forward-pass seconds and rows since start (autoscaling stats)
-        self._reported = (time.monotonic(), 0.0, 0)
+        # since start, for the autoscaling stats: forward-pass seconds, seconds calls waited for a pass, rows
+        self._busy_s, self._wait_s, self._rows = 0.0, 0.0, 0
+        self._reported = (time.monotonic(), 0.0, 0.0, 0)
         if expert_dir is not None:
             self._load(expert_dir)
 
@@ -212,13 +213,16 @@ class ExpertServer:
         }
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's custom autoscaling metrics (read by mode_ray.serve.autoscaling.BusyPolicy) since the last
-        report: `busy`, forward-pass seconds per wall second (0..1), and `rows_per_s`."""
+        """Serve's custom autoscaling metrics (read by mode_ray.serve.autoscaling.LoadPolicy) since the last
+        report: `busy`, forward-pass seconds per wall second (0..1); `load`, that plus the seconds calls
+        waited for a pass per wall second (the calls this replica holds on average: above 1 when calls
+        queue); `rows_per_s`."""
         now = time.monotonic()
-        at, busy, rows = self._reported
-        self._reported = (now, self._busy_s, self._rows)
+        at, busy, wait, rows = self._reported
+        self._reported = (now, self._busy_s, self._wait_s, self._rows)
         dt = max(now - at, 1e-6)
-        return {"busy": min(1.0, (self._busy_s - busy) / dt), "rows_per_s": (self._rows - rows) / dt}
+        b = min(1.0, (self._busy_s - busy) / dt)
+        return {"busy": b, "load": b + (self._wait_s - wait) / dt, "rows_per_s": (self._rows - rows) / dt}
 
     def _age_ms(self) -> float:
         return round((time.monotonic() - self._born) * 1e3, 3)
@@ -452,6 +456,7 @@ class ExpertServer:
         forward_s = time.perf_counter() - started
         total = out.shape[0]
         self._busy_s += forward_s
+        self._wait_s += sum(started - c.arrived for c in calls)
         self._rows += total
         self._metrics.answered_calls_total.inc(len(calls))
         self._metrics.rows_total.inc(total)

@@ -1,10 +1,18 @@
 """Multi-node smoke run of the expert cluster, as a standalone script (run by tests/serve/test_multinode.py).
 
 A Ray cluster of three raylets is simulated on this machine with `ray.cluster_utils.Cluster`: a head and two
-worker nodes that carry the custom resources `node_a` and `node_b`. The tiny mixture of tests/serve/
-test_cluster.py (three xs experts) is served with `expert_overrides` that pin experts `a` and `c` to
-`node_a` and `b` to `node_b`, Serve runs a proxy on every node, and one generation routed to `a` and `b`
-must cross nodes and equal the in-process mixture.
+worker nodes that carry the custom resources `node_a` and `node_b` (node_b has no CPUs: only expert `b`, which
+asks for none, can live there). The tiny mixture of tests/serve/test_cluster.py (three xs experts) is served
+with `expert_overrides` that pin experts `a` and `c` to `node_a` and `b` to `node_b`, and one generation routed
+to `a` and `b` must cross nodes and equal the in-process mixture.
+
+Then the fault: node_b's raylet is killed while requests routed to `a` and `b` are stepping. Each must end
+within its deadline, completed with the lost routing weight reported (`dropped_mass`), as the engine drops a
+failed expert for the rows it could not answer. A replacement node with the `node_b` resource joins (what the
+KubeRay autoscaler does); Serve places `b` there again, and a request pinned to `b` must succeed within 30 s.
+
+Serve's HTTP proxy runs on the head only: on one machine every node's proxy would share 127.0.0.1:<port>
+(SO_REUSEPORT), so a request could ride on the killed node's proxy, which is not what this run tests.
 
 It cannot run inside pytest: the test session already holds one `ray.init` (tests/conftest.py). Everything
 Ray writes (sessions, sockets, the `ray_current_cluster` address file) goes to a private RAY_TMPDIR, so no
@@ -31,6 +39,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULT_PREFIX = "MULTINODE_RESULT "
 NODE_OF_EXPERT = {"a": "node_a", "b": "node_b", "c": "node_a"}
 REQUEST = {"prompt": 3, "num_images": 2, "seed": 11, "top_k": 2, "experts": ["a", "b"]}
+FAULT_REQUEST = {
+    "prompt": 3,
+    "num_images": 1,
+    "top_k": 2,
+    "steps": 300,
+    "experts": ["a", "b"],
+    "deadline_s": 90,
+}
+ROUTED_AGAIN_S = 30.0  # after the replacement node joins, b must serve a pinned request within this
 
 
 class CheckFailed(Exception):
@@ -114,6 +131,76 @@ def generate(http_url: str, body: dict, timeout_s: float = 120.0):  # noqa: ANN2
         time.sleep(0.5)
 
 
+def kill_node_under_load(cluster, node, http_url: str, model: Path, timings: dict[str, float]) -> dict:  # noqa: ANN001
+    """Kill `node` (expert b's only replica) while 4 requests routed to a and b step; then add a node with the
+    same resource and wait for b to serve a pinned request again. Returns what happened."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import ray
+
+    from mode_ray.serve.shared_registry import NAMESPACE, actor_name
+
+    registry = ray.get_actor(actor_name(model / "state"), namespace=NAMESPACE)
+
+    def active() -> int:
+        return sum(r["active"] for r in ray.get(registry.replicas.remote()).values())
+
+    def one(i: int) -> tuple[int, dict, float]:
+        t = time.monotonic()
+        r = httpx.post(
+            f"{http_url}/v1/generate", json={**FAULT_REQUEST, "seed": i, "output": "json"}, timeout=120
+        )
+        body = (
+            r.json() if r.headers.get("content-type", "").startswith("application/json") else {"text": r.text}
+        )
+        return r.status_code, body, time.monotonic() - t
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(one, i) for i in range(4)]
+        deadline = time.monotonic() + 60
+        while active() < 4:
+            check(time.monotonic() < deadline, "the 4 fault requests never all stepped")
+            time.sleep(0.05)
+        threading.Event().wait(0.5)  # some evaluations with both experts first
+        killed_at = time.monotonic()
+        cluster.remove_node(node, allow_graceful=False)
+        outcomes = [f.result() for f in futures]
+    for code, body, seconds in outcomes:
+        check(seconds <= FAULT_REQUEST["deadline_s"] + 10, f"a fault request took {seconds:.1f} s")
+        check(
+            code == 200 and body.get("dropped_mass", 0) > 0,
+            f"a request stepping when b's node died should complete with b's routing weight reported as "
+            f"dropped: {code} {str(body)[:500]}",
+        )
+    replacement = cluster.add_node(num_cpus=0, resources={"node_b": 1})
+    joined_at = time.monotonic()
+    pinned = {"prompt": 4, "num_images": 1, "seed": 5, "steps": 3, "experts": ["b"], "output": "json"}
+    while True:
+        r = httpx.post(f"{http_url}/v1/generate", json=pinned, timeout=60)
+        if r.status_code == 200 and r.json()["dropped_mass"] == 0:
+            break
+        check(
+            time.monotonic() - joined_at < ROUTED_AGAIN_S,
+            f"b was not routed again within {ROUTED_AGAIN_S:.0f} s of the replacement node: {r.status_code} "
+            f"{r.text[:500]}",
+        )
+        time.sleep(0.25)
+    routed_at = time.monotonic()
+    placed = replica_nodes(serve_actor_nodes(), "expert-b")
+    check(placed == [replacement.node_id], f"b should run on the replacement node, it runs on {placed}")
+    timings["fault_s"] = routed_at - killed_at
+    return {
+        "requests": [
+            {"status": c, "dropped_mass": b.get("dropped_mass"), "seconds": round(s, 2)}
+            for c, b, s in outcomes
+        ],
+        "routed_again_after_join_s": round(routed_at - joined_at, 2),
+        "routed_again_after_kill_s": round(routed_at - killed_at, 2),
+    }
+
+
 def run(work: Path, timings: dict[str, float]) -> dict:
     started = time.monotonic()
     import ray
@@ -123,7 +210,7 @@ def run(work: Path, timings: dict[str, float]) -> dict:
     serve_started = False
     try:
         node_a = cluster.add_node(num_cpus=1, resources={"node_a": 1})
-        node_b = cluster.add_node(num_cpus=1, resources={"node_b": 1})
+        node_b = cluster.add_node(num_cpus=0, resources={"node_b": 1})
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         nodes = {"head": cluster.head_node.node_id, "node_a": node_a.node_id, "node_b": node_b.node_id}
@@ -144,7 +231,7 @@ def run(work: Path, timings: dict[str, float]) -> dict:
         t = time.monotonic()
         http_port, grpc_port = free_port(), free_port()
         serve.start(
-            proxy_location="EveryNode",
+            proxy_location="HeadOnly",  # see the module doc
             http_options={"host": "127.0.0.1", "port": http_port},
             grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
         )
@@ -156,7 +243,8 @@ def run(work: Path, timings: dict[str, float]) -> dict:
             grpc_target=f"127.0.0.1:{grpc_port}",
             expert=small,
             expert_overrides={
-                name: {**small, "resources": {node: 0.1}} for name, node in NODE_OF_EXPERT.items()
+                name: {**small, "resources": {node: 0.1}, "num_cpus": 0 if node == "node_b" else 0.1}
+                for name, node in NODE_OF_EXPERT.items()
             },
             router={"num_cpus": 0.1, "call_timeout_s": 10.0},
         )
@@ -202,7 +290,9 @@ def run(work: Path, timings: dict[str, float]) -> dict:
         diff = float((torch.from_numpy(arr.copy()) - expected.images).abs().max())
         check(diff <= 1e-5, f"served images differ from the in-process mixture by {diff} (> 1e-5)")
 
+        fault = kill_node_under_load(cluster, node_b, http_url, model, timings)
         return {
+            "fault": fault,
             "nodes": nodes,
             "expert_nodes": {name: nodes_[0] for name, nodes_ in placement.items()},
             "expert_node_names": NODE_OF_EXPERT,

@@ -14,7 +14,7 @@ import pytest
 from ray.serve._private.common import DeploymentID
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from mode_ray.serve.autoscaling import BUSY, BusyPolicy
+from mode_ray.serve.autoscaling import LOAD, LoadPolicy
 from tests.serve.conftest import tiny_app, wait_for
 from tests.serve.test_cluster import post, replica_actors
 from tests.tiny import build_tiny_mixture
@@ -23,7 +23,7 @@ EMULATE = {"base_ms": 20.0, "per_row_ms": 0.5}
 SCALING = {
     "emulate": EMULATE,
     "max_replicas": 2,
-    "target_busy": 0.5,
+    "target_load": 0.5,
     "upscale_delay_s": 0.5,
     "downscale_delay_s": 2.0,
     "look_back_period_s": 1.5,
@@ -31,7 +31,7 @@ SCALING = {
 }
 
 
-def context(replicas: int, busy: list[float], requests: float = 1.0) -> AutoscalingContext:
+def context(replicas: int, load: list[float], requests: float = 1.0) -> AutoscalingContext:
     config = AutoscalingConfig(min_replicas=0, max_replicas=8, target_ongoing_requests=2)
     return AutoscalingContext(
         deployment_id=DeploymentID(name="Expert-a", app_name="expert-a"),
@@ -42,7 +42,7 @@ def context(replicas: int, busy: list[float], requests: float = 1.0) -> Autoscal
         running_replicas=[],
         total_num_requests=requests,
         total_queued_requests=0.0,
-        aggregated_metrics={BUSY: {f"r{i}": b for i, b in enumerate(busy)}},
+        aggregated_metrics={LOAD: {f"r{i}": v for i, v in enumerate(load)}},
         raw_metrics=None,
         capacity_adjusted_min_replicas=0,
         capacity_adjusted_max_replicas=8,
@@ -54,17 +54,18 @@ def context(replicas: int, busy: list[float], requests: float = 1.0) -> Autoscal
     )
 
 
-def test_the_policy_asks_for_replicas_by_busy_time_not_by_one_merged_call() -> None:
-    policy = BusyPolicy(target_busy=0.5)
-    # one replica computing all the time on one merged call per tick: Serve's queue-length policy would
-    # ask for 0.5 replicas (1 call / target 2); by busy time it needs 2
-    assert policy(context(1, [1.0], requests=1.0))[0] == pytest.approx(2.0)
-    assert policy(context(2, [0.2, 0.1], requests=1.0))[0] == pytest.approx(0.6)  # Serve rounds: 1
-    assert policy(context(2, [0.1, 0.1], requests=0.0))[0] == pytest.approx(0.4)
-    assert policy(context(1, [0.0], requests=8.0))[0] == pytest.approx(4.0)  # many direct calls queue
+def test_the_policy_asks_for_the_calls_replicas_hold_not_for_one_merged_call() -> None:
+    policy = LoadPolicy(target_load=1.0)
+    # one replica computing all the time while a second cohort's call waits behind it (load 2): Serve's
+    # queue-length policy would ask for 1 replica (2 calls / target 2); two replicas serve both at once
+    assert policy(context(1, [2.0], requests=2.0))[0] == pytest.approx(2.0)
+    assert policy(context(2, [1.0, 1.0], requests=2.0))[0] == pytest.approx(2.0)  # stays: nothing waits
+    assert policy(context(2, [0.2, 0.1], requests=1.0))[0] == pytest.approx(0.5)  # Serve rounds up: 1
+    assert policy(context(1, [0.1], requests=8.0))[0] == pytest.approx(4.0)  # many direct calls queue
+    assert LoadPolicy(target_load=0.5)(context(1, [1.0]))[0] == pytest.approx(2.0)  # headroom
     assert policy(context(0, [], requests=3.0))[0] == 0  # at zero Serve's cold-start path takes over
-    with pytest.raises(ValueError, match="target_busy"):
-        BusyPolicy(target_busy=0.0)
+    with pytest.raises(ValueError, match="target_load"):
+        LoadPolicy(target_load=0.0)
 
 
 @pytest.fixture(scope="module")

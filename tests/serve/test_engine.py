@@ -136,7 +136,34 @@ def test_a_failing_expert_is_retried_then_dropped_and_renormalised() -> None:
     assert "e0" not in first.experts[0] and first.dropped[0] > 0
     assert sum(first.weights[0]) == pytest.approx(1.0, abs=1e-5)
     assert r.dropped_mass == pytest.approx(sum(d for t in r.trace for d in t.dropped), abs=1e-5)
-    assert all("e0" in t.experts[0] for t in r.trace[1:])  # back from the second step on
+    assert "e0" in r.trace[-1].experts[0]  # back once it answered ModelReady
+
+
+def test_a_failed_expert_is_not_called_again_until_it_answers_model_ready(monkeypatch) -> None:  # noqa: ANN001
+    """After a call and its retry fail, the expert's rows are dropped at once (no call, no timeout) while it
+    is not ready; once ModelReady says yes it is called again."""
+    import mode_ray.serve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PROBE_S", 0.005)
+    engine, snapshot, clients, _ = setup()
+    for c in clients.values():
+        c.delay = 0.005  # 79 evaluations take ~0.4 s: much longer than three probes
+    e0 = clients["e0"]
+    probes = {"n": 0}
+
+    async def ready(timeout: float) -> bool:
+        probes["n"] += 1
+        return probes["n"] > 3  # unavailable for the first three probes (PROBE_S apart)
+
+    e0.ready = ready  # type: ignore[method-assign]
+    e0.fail_next = 2
+    req = resolve(GenerateParams(prompt=0, num_images=1, seed=5, steps=40), CONFIG)
+    r = asyncio.run(engine.generate(req, snapshot))
+    without = [i for i, t in enumerate(r.trace) if "e0" not in t.experts[0]]
+    assert without[0] == 0 and without == list(range(len(without)))  # one stretch from the failure on
+    assert 1 < len(without) < len(r.trace)  # skipped while not ready, then back
+    assert e0.calls == 2 + len(r.trace) - len(without)  # the failed call and its retry, then one per step
+    assert probes["n"] == 4 and r.dropped_mass > 0
 
 
 def test_a_request_fails_clearly_when_no_chosen_expert_answers() -> None:

@@ -90,7 +90,7 @@ def test_a_hot_add_reaches_every_replica_within_a_second_and_deploys_once(replic
 
 
 def test_a_removal_waits_for_the_requests_of_every_replica(replicas) -> None:  # noqa: ANN001
-    """Requests pinned to d run on both replicas; DELETE through the API drains them all (every replica
+    """16 requests pinned to d run on both replicas; DELETE through the API drains them all (every replica
     reports none left) before d's app is deleted: none fails."""
     from ray import serve
 
@@ -98,11 +98,11 @@ def test_a_removal_waits_for_the_requests_of_every_replica(replicas) -> None:  #
     actor = registry_actor(model)
     body = {"prompt": 9, "num_images": 1, "seed": 1, "steps": 80, "experts": ["d", "c"], "output": "json"}
     idle(actor)
-    with ThreadPoolExecutor(8) as pool:
-        running = [pool.submit(post, sc.http_url, body) for _ in range(8)]
+    with ThreadPoolExecutor(16) as pool:
+        running = [pool.submit(post, sc.http_url, body) for _ in range(16)]
         wait_for(
-            lambda: sum(r["active"] for r in ray.get(actor.replicas.remote()).values()) == 8,
-            "all 8 requests admitted",
+            lambda: sum(r["active"] for r in ray.get(actor.replicas.remote()).values()) == 16,
+            "all 16 requests admitted",
         )
         removed = httpx.delete(f"{sc.http_url}/v1/experts/d", headers=AUTH, timeout=300)
         results = [f.result() for f in running]

@@ -5,6 +5,7 @@ gives the warm application back (deleted, refilled), and an add with its own dep
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -135,6 +136,33 @@ def test_a_hot_add_loads_into_the_replica_started_before_it_and_the_pool_refills
     wait_for(
         lambda: (free := listing(sc)["warm_pool"]["free"]) != [] and free != [slot], "the pool to refill", 180
     )
+
+
+@pytest.mark.serve
+def test_a_hot_add_under_16_requests_fails_none(warm) -> None:  # noqa: ANN001
+    """16 requests step while an expert is hot-added into the warm replica: every one succeeds with nothing
+    dropped (they keep the expert set they were admitted with), and the new expert is routed after."""
+    from tests.serve.test_router_replicas import registry_actor
+
+    sc, model = warm
+    free_slot(sc)
+    make_expert(model / "experts", "f", [3], seed=9)
+    bodies = [
+        {"prompt": i % 10, "num_images": 1, "seed": 400 + i, "steps": 40, "output": "json"} for i in range(16)
+    ]
+    actor = registry_actor(model)
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(post, sc.http_url, b) for b in bodies]
+        wait_for(
+            lambda: sum(r["active"] for r in ray.get(actor.replicas.remote()).values()) == 16,
+            "all 16 requests admitted",
+        )
+        added = httpx.post(f"{sc.http_url}/v1/experts", json={"path": "f"}, headers=AUTH, timeout=300)
+        responses = [f.result() for f in futures]
+    assert added.status_code == 200, added.text
+    bad = [r.text[:200] for r in responses if r.status_code != 200 or r.json()["dropped_mass"] != 0]
+    assert bad == [], bad
+    pinned_images_match(sc, model, "f", seed=14)
 
 
 @pytest.mark.serve

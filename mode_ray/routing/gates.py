@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mode_ray.models.card import ExpertCard
@@ -41,12 +40,11 @@ class PrototypeGate(Gate):
         logits = x.new_zeros(x.shape[0], len(experts))
         if cond is None:
             return logits
-        for k, card in enumerate(experts):
-            if card.prototype is not None:
-                mu = torch.tensor(card.prototype, dtype=cond.dtype, device=cond.device)
-                logits[:, k] = (
-                    F.cosine_similarity(cond, mu[None], dim=1, eps=1e-8) / self.tau
-                )  # zero cond -> 0
+        has = [k for k, card in enumerate(experts) if card.prototype is not None]
+        if has:  # one (B, D) x (D, K) product for all experts: this runs on every tick
+            mu = torch.tensor([experts[k].prototype for k in has], dtype=cond.dtype, device=cond.device)
+            norms = cond.norm(dim=1, keepdim=True) * mu.norm(dim=1)[None]  # (B, K)
+            logits[:, has] = (cond @ mu.T) / norms.clamp_min(1e-8) / self.tau  # zero cond -> 0
         return logits
 
 
@@ -55,11 +53,14 @@ class NoiseGate(Gate):
 
     def forward(self, x, sigma, cond, experts):  # type: ignore[no-untyped-def]
         logits = x.new_zeros(x.shape[0], len(experts))
-        for k, card in enumerate(experts):
-            if card.sigma_interval is not None:
-                lo, hi = card.sigma_interval
-                inside = (sigma >= lo) & (sigma < hi)
-                logits[:, k] = torch.where(inside, 0.0, -math.inf)
+        has = [k for k, card in enumerate(experts) if card.sigma_interval is not None]
+        if has:  # all experts' intervals at once: this runs on every tick
+            bounds = torch.tensor(
+                [experts[k].sigma_interval for k in has], dtype=sigma.dtype, device=sigma.device
+            )
+            s = sigma[:, None]
+            inside = (s >= bounds[None, :, 0]) & (s < bounds[None, :, 1])  # (B, K)
+            logits[:, has] = torch.where(inside, 0.0, -math.inf).to(logits.dtype)
         return logits
 
 

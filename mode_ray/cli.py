@@ -168,10 +168,11 @@ def train_gate_cmd(
         raise typer.Exit(2) from None
     typer.echo(f"wrote {path}")
     if publish:
-        from mode_ray.client import ClusterError, publish_gate
+        from mode_ray.client import Client, ClusterError
 
         try:
-            typer.echo(f"published: {publish_gate(publish, str(path.resolve()), token)}")
+            with Client(publish, token) as c:
+                typer.echo(f"published: {c.publish_gate(str(path.resolve()))}")
         except ClusterError as e:
             typer.echo(str(e), err=True)
             raise typer.Exit(2) from None
@@ -254,20 +255,21 @@ def train_classifier_cmd(
     typer.echo(f"wrote {fit(cfg, out, workers, cpus_per_worker, gpu)}")
 
 
-def _write_output(out: Path, result) -> None:  # type: ignore[no-untyped-def]
+def _write_output(out: Path, result, scale: int = 1, labels: bool = False) -> None:  # type: ignore[no-untyped-def]
     import json
 
     import numpy as np
 
-    if out.suffix == ".npz":
+    if out.suffix == ".png":
+        captions = [str(c) if c >= 0 else "uncond" for c in result.labels] if labels else None
+        out.write_bytes(result.png(scale=scale, labels=captions))
+    elif out.suffix == ".npz":
         np.savez(
             out,
             images=result.raw(),
             labels=np.asarray(result.labels, np.int64),
             trace=np.asarray(json.dumps([t.to_dict() for t in result.trace])),
         )
-    else:
-        out.write_bytes(result.png())
 
 
 @app.command()
@@ -296,6 +298,11 @@ def generate(
     out: Annotated[
         Path, typer.Option(help="grid.png (image grid) or samples.npz (raw images, labels, trace)")
     ] = Path("grid.png"),
+    scale: Annotated[int, typer.Option(min=1, max=32, help="grid.png: each pixel as scale x scale")] = 4,
+    labels: Annotated[bool, typer.Option("--labels", help="grid.png: the class under each image")] = False,
+    trace_png: Annotated[
+        Path | None, typer.Option(help="also write the routing heatmap (experts x evaluations) to this PNG")
+    ] = None,
     local: Annotated[
         bool, typer.Option("--local", help="run the mixture in this process (no Ray Serve)")
     ] = False,
@@ -339,17 +346,35 @@ def generate(
             raise typer.Exit(2) from None
         source = ""
     else:
-        from mode_ray.client import ClusterError
-        from mode_ray.client import generate as generate_remote
+        from rich.progress import Progress as Bar
 
-        try:
-            result = generate_remote(url, fields)
+        from mode_ray.client import Client, ClusterError
+        from mode_ray.generation import GenerationResult
+
+        result = None
+        try:  # the stream's progress as a bar on stderr, then the result
+            with Client(url) as c, Bar(transient=True, console=_stderr()) as bar:
+                task = bar.add_task("generating", total=None)
+                for item in c.stream(**fields):
+                    if isinstance(item, GenerationResult):
+                        result = item
+                    else:
+                        bar.update(task, total=item.total, completed=item.step)
         except ClusterError as e:
             typer.echo(str(e), err=True)
             raise typer.Exit(2) from None
+        if result is None:
+            typer.echo(f"error: the stream from {url} ended without a result", err=True)
+            raise typer.Exit(2)
         source = f" from {url}"
-    _write_output(out, result)
+    _write_output(out, result, scale, labels)
     typer.echo(f"wrote {out} ({num_images} images, seed {result.seed}){source}")
+    if trace_png is not None:
+        if not result.trace:
+            typer.echo("no routing trace to draw (trace: none)", err=True)
+        else:
+            trace_png.write_bytes(result.routing_png())
+            typer.echo(f"wrote {trace_png} (routing: {len(result.trace)} evaluations)")
 
 
 @app.command("eval")
@@ -448,15 +473,16 @@ def _cluster(call):  # type: ignore[no-untyped-def]
 @experts_app.command("list")
 def experts_list(url: Url = "http://127.0.0.1:8000") -> None:
     """The registered experts, their state and the registry version."""
-    from mode_ray.client import list_experts
+    from mode_ray.client import Client
 
     def brief() -> dict:
-        listing = list_experts(url)
+        with Client(url) as c:
+            listing = c.experts.list()
+        keys = ("name", "version", "endpoint", "state", "application")
         return {
             "registry_version": listing["registry_version"],
-            "experts": [
-                {k: e[k] for k in ("name", "version", "endpoint", "state")} for e in listing["experts"]
-            ],
+            "experts": [{k: e.get(k) for k in keys} for e in listing["experts"]],
+            "warm_pool": listing.get("warm_pool"),
         }
 
     _cluster(brief)
@@ -471,10 +497,11 @@ def experts_add(
     url: Url = "http://127.0.0.1:8000",
     token: Token = None,
 ) -> None:
-    """Hot-add an expert: validated, deployed as its own Serve app, routable once it answers ModelReady."""
-    from mode_ray.client import add_expert
+    """Hot-add an expert: validated, loaded into a warm replica (or deployed as its own Serve app), routable
+    once it answers ModelReady and its canary pass."""
+    from mode_ray.client import Client
 
-    _cluster(lambda: add_expert(url, path, token, endpoint))
+    _cluster(lambda: Client(url, token).experts.add(path, endpoint))
 
 
 @experts_app.command("replace")
@@ -486,9 +513,9 @@ def experts_replace(
 ) -> None:
     """Replace an expert with zero failed requests: the new version is deployed beside the old, proven and
     published; requests admitted before keep the old one, which is drained and deleted."""
-    from mode_ray.client import replace_expert
+    from mode_ray.client import Client
 
-    _cluster(lambda: replace_expert(url, name, path, token))
+    _cluster(lambda: Client(url, token).experts.replace(name, path))
 
 
 @experts_app.command("remove")
@@ -498,9 +525,75 @@ def experts_remove(
     token: Token = None,
 ) -> None:
     """Drain an expert (requests in flight finish with it), then delete its Serve app."""
-    from mode_ray.client import remove_expert
+    from mode_ray.client import Client
 
-    _cluster(lambda: remove_expert(url, name, token))
+    _cluster(lambda: Client(url, token).experts.remove(name))
+
+
+def _stderr():  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def status_table(status: dict):  # type: ignore[no-untyped-def]
+    """The `mode-ray status` table of a `GET /v1/status` reply (a rich Table)."""
+    from rich.table import Table
+
+    r = status["router"]
+    pool = status.get("warm_pool") or {}
+    title = (
+        f"registry v{status['registry_version']}  |  router: {r['replicas']} replica(s), {r['active']} active, "
+        f"{r['queued']} queued, {r['ticks_per_s']} ticks/s, {r['rows_per_s']} rows/s  |  warm pool "
+        f"{len(pool.get('free', []))}/{pool.get('target', 0)}"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in ("expert", "version", "state", "replicas", "rows/s", "routed", "call p50 ms"):
+        table.add_column(column, justify="left" if column in ("expert", "state") else "right")
+    for e in status["experts"]:
+        p50 = "-" if e["call_p50_ms"] is None else f"{e['call_p50_ms']:.1f}"
+        replicas = "-" if e["replicas"] is None else str(e["replicas"])
+        table.add_row(
+            e["name"],
+            e["version"],
+            e["state"],
+            replicas,
+            f"{e['rows_per_s']:.0f}",
+            f"{e['routed_share']:.0%}",
+            p50,
+        )
+    return table
+
+
+@app.command("status")
+def status_cmd(
+    url: Url = "http://127.0.0.1:8000",
+    once: Annotated[bool, typer.Option("--once", help="print one table and exit (for scripts)")] = False,
+    interval: Annotated[float, typer.Option(min=0.2, help="seconds between refreshes")] = 1.0,
+) -> None:
+    """A live table of the cluster: experts, replicas, rows/s, routed share, call p50, the router's queue;
+    refreshed every second until Ctrl-C (rates over the last ~5 s)."""
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from mode_ray.client import Client, ClusterError
+
+    with Client(url, retries=0) as c:
+        try:
+            if once:
+                Console().print(status_table(c.status()))
+                return
+            with Live(status_table(c.status()), refresh_per_second=4) as live:
+                while True:
+                    time.sleep(interval)
+                    live.update(status_table(c.status()))
+        except ClusterError as e:
+            typer.echo(str(e), err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            pass
 
 
 gate_app = typer.Typer(help="Publish a learned gate to a running cluster.", no_args_is_help=True)
@@ -515,9 +608,9 @@ def gate_publish(
 ) -> None:
     """Route new requests with this gate (e.g. from `train gate --extend`): a new registry version, no
     redeploy; requests in flight keep their gate."""
-    from mode_ray.client import publish_gate
+    from mode_ray.client import Client
 
-    _cluster(lambda: publish_gate(url, path, token))
+    _cluster(lambda: Client(url, token).publish_gate(path))
 
 
 @app.command()

@@ -34,6 +34,26 @@ def test_generate_local_writes_png_and_npz_and_the_same_seed_gives_the_same_imag
     assert len(json.loads(str(a["trace"]))) == 5  # heun, 3 steps
 
 
+def test_generate_writes_a_viewable_grid_with_labels_and_the_routing_heatmap(tmp_path) -> None:  # noqa: ANN001
+    from PIL import Image
+
+    common = ["generate", "--local", "--prompt", "3", "--num-images", "4", "--seed", "5", "--steps", "3"]
+    assert run(*common, "--scale", "1", "--out", str(tmp_path / "small.png")).exit_code == 0
+    r = run(
+        *common, "--labels", "--trace-png", str(tmp_path / "routing.png"), "--out", str(tmp_path / "big.png")
+    )
+    assert r.exit_code == 0, r.output
+    small, big = Image.open(tmp_path / "small.png"), Image.open(tmp_path / "big.png")
+    assert small.size == (62, 62)  # 2 x 2 tiles of 28 px with 2 px borders
+    assert (
+        big.width == 4 * small.width and big.height == 4 * small.height + 2 * 12
+    )  # scale 4, 2 caption bands
+    heat = Image.open(tmp_path / "routing.png").convert("RGB")
+    assert heat.width >= 5 * 12 and "routing: 5 evaluations" in r.output  # heun 3 steps: 5 columns
+    colours = {heat.getpixel((x, y)) for x in range(heat.width) for y in range(heat.height)}
+    assert any(b > 200 and r < 200 for r, g, b in colours)  # some weight drawn in blue
+
+
 def test_the_default_image_count_is_the_apis(tmp_path) -> None:  # noqa: ANN001
     from mode_ray.generation import DEFAULT_NUM_IMAGES
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from mode_ray.generation.images import png_bytes
+from mode_ray.generation.images import heatmap_png, png_bytes
 
 TraceMode = Literal["auto", "full", "summary", "none"]
 MAX_FULL_TRACE_ROWS = 16_384  # "auto": a full trace up to this many image-evaluations, else the summary
@@ -98,8 +98,28 @@ class GenerationResult:
         trace = [] if mode == "none" else [t.summary() for t in self.trace]
         return replace(self, trace=trace, trace_mode=mode)
 
-    def png(self, nrow: int | None = None) -> bytes:
-        return png_bytes(self.images, nrow)
+    def png(self, nrow: int | None = None, scale: int = 1, labels: list[str] | None = None) -> bytes:
+        return png_bytes(self.images, nrow, scale, labels)
+
+    def routing(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """The routing as a matrix: the experts (heaviest first), their weight at each evaluation averaged over
+        the images (E, S), and the mean dropped mass at each evaluation (S,)."""
+        steps = [t.summary() if len(t.experts) > 1 else t for t in self.trace]
+        total: dict[str, float] = {}
+        for t in steps:
+            for name, w in zip(t.experts[0], t.weights[0], strict=True):
+                total[name] = total.get(name, 0.0) + w
+        names = sorted(total, key=lambda n: -total[n])
+        weights = np.zeros((len(names), len(steps)), np.float32)
+        for j, t in enumerate(steps):
+            for name, w in zip(t.experts[0], t.weights[0], strict=True):
+                weights[names.index(name), j] = w
+        dropped = np.asarray([t.dropped[0] if t.dropped else 0.0 for t in steps], np.float32)
+        return names, weights, dropped
+
+    def routing_png(self) -> bytes:
+        """The routing heatmap (experts x evaluations, colour = weight; dropped mass in the last row)."""
+        return heatmap_png(*self.routing())
 
     def raw(self) -> np.ndarray:
         """The images as a C-contiguous little-endian float32 array (N, C, H, W)."""

@@ -20,8 +20,10 @@ deadline under fair sharing.
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -141,6 +143,9 @@ class StepEngine:
         self.ticks = 0  # counters since start (benchmarks read them through Router.engine_stats)
         self.rows_sent = 0
         self.expert_busy_s: dict[str, float] = {}  # forward time the experts reported, per expert
+        self.expert_rows: dict[str, int] = {}  # rows sent, per expert
+        self.expert_weight: dict[str, float] = {}  # routing weight it carried (sum over rows and evaluations)
+        self.expert_call_s: dict[str, deque[float]] = {}  # the last calls' send-to-reply times, per expert
         self.rows_per_s: float | None = None  # throughput of full ticks (EWMA): admission's cost estimate
         self._queue: asyncio.Queue[_Active] = asyncio.Queue()
         self._active: list[_Active] = []
@@ -324,8 +329,10 @@ class StepEngine:
         outputs: list[dict[int, list]] = [{} for _ in groups]  # per group: expert -> [(rows, x0_hat), ...]
         failed: list[dict[int, set[int]]] = [{} for _ in groups]
         for call, result in zip(calls, results, strict=True):
+            self.expert_rows[call.expert] = self.expert_rows.get(call.expert, 0) + len(call.rows)
             if isinstance(result, ExpertReply):
                 self.expert_busy_s[call.expert] = self.expert_busy_s.get(call.expert, 0.0) + result.forward_s
+                self.expert_call_s.setdefault(call.expert, deque(maxlen=256)).append(result.wire_s)
                 outputs[call.group].setdefault(call.index, []).append((call.rows, result.x0_hat))
                 if result.cold_start:  # the reply says so: this call waited for the expert's replica to start
                     for i in call.parts:
@@ -468,6 +475,28 @@ class StepEngine:
             for e in failed.get(i, ()):
                 share = (lane.dropped - before[i]) / len(failed[i])
                 self.metrics.dropped_mass.inc(share, tags={"expert": a.snapshot.entries[e].name})
+            if lane.trace:
+                for names, weights in zip(lane.trace[-1].experts, lane.trace[-1].weights, strict=True):
+                    for name, w in zip(names, weights, strict=True):
+                        self.expert_weight[name] = self.expert_weight.get(name, 0.0) + w
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start (rates come from two readings) and each expert's recent call p50 (ms)."""
+        active, queued = self.load
+        return {
+            "at": time.monotonic(),
+            "ticks": self.ticks,
+            "rows": self.rows_sent,
+            "active": active,
+            "queued": queued,
+            "expert_rows": dict(self.expert_rows),
+            "expert_weight": dict(self.expert_weight),
+            "expert_call_p50_ms": {
+                name: round(statistics.median(calls) * 1e3, 3)
+                for name, calls in self.expert_call_s.items()
+                if calls
+            },
+        }
 
     def _report(self, a: _Active) -> None:
         """Progress when the request's slowest lane moved on; the result once every lane is done."""

@@ -9,13 +9,14 @@ import json
 import logging
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, Literal, get_args
 
 import grpc
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field, ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -178,6 +179,28 @@ class Ingress:
             return replace(result, attempts=attempt)
         raise AssertionError("unreachable")
 
+    async def _stream(
+        self, params: dict, deadline_s: float | None, trace: str
+    ) -> AsyncIterator[Progress | GenerationResult]:
+        """router.generate_stream with the retries of `_generate`: Progress after every evaluation, then the
+        result (its `attempts` set). A run again starts its progress over; the images are the same."""
+        params = {**params, "seed": params.get("seed", random.randrange(2**63))}
+        budget = deadline_s or self.default_deadline_s
+        started = time.monotonic()
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            left = deadline_s if attempt == 1 else budget - (time.monotonic() - started)
+            stream = self.router.options(stream=True).generate_stream.remote(params, left, trace)
+            try:
+                async for item in stream:
+                    yield item if isinstance(item, Progress) else replace(item, attempts=attempt)
+                return
+            except ROUTER_LOST as e:
+                if attempt == MAX_ATTEMPTS or budget - (time.monotonic() - started) < 0.5:
+                    raise GenerationFailed(
+                        f"the router replica running this request died ({attempt} attempts): {type(e).__name__}"
+                    ) from None
+                log.warning("router replica lost under a stream (%s); running it again", type(e).__name__)
+
     # ---- HTTP ------------------------------------------------------------------------------------
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -206,6 +229,44 @@ class Ingress:
         if result.cold_starts:  # e.g. "digits-0-6=3.1": the seconds a call waited for the expert to start
             headers["X-Cold-Starts"] = ",".join(f"{k}={v}" for k, v in result.cold_starts.items())
         return Response(result.png(), media_type="image/png", headers=headers)
+
+    @api.post("/v1/generate/stream")
+    async def generate_stream_http(self, body: GenerateBody) -> StreamingResponse:
+        """Server-sent events: `progress` ({step, total, sigma}) after every evaluation, then `result` (the
+        `output: json` body), or `error` ({status, detail}) if the request fails once it has started. A request
+        refused before its first evaluation (bad input, overload) is a plain HTTP error instead."""
+        params = body.model_dump(
+            by_alias=True, exclude={"output", "deadline_s", "timing", "trace"}, exclude_none=True
+        )
+        items = self._stream(params, body.deadline_s, body.trace).__aiter__()
+        try:
+            first = await items.__anext__()
+        except Exception as e:  # noqa: BLE001 - refused before it started: a status like /v1/generate's
+            status = _classify(e, HTTP_STATUS)
+            raise HTTPException(status or 500, detail=_message(e)) from None
+
+        def event(item: Progress | GenerationResult) -> str:
+            if isinstance(item, Progress):
+                data = {"step": item.step, "total": item.total, "sigma": item.sigma}
+                return f"event: progress\ndata: {json.dumps(data)}\n\n"
+            return f"event: result\ndata: {json.dumps(item.to_json())}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            yield event(first)
+            try:
+                async for item in items:
+                    yield event(item)
+            except Exception as e:  # noqa: BLE001 - the status line is sent: report it as an event
+                data = {"status": _classify(e, HTTP_STATUS) or 500, "detail": _message(e)}
+                yield f"event: error\ndata: {json.dumps(data)}\n\n"
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    @api.get("/v1/status")
+    async def status_http(self) -> dict:
+        return await self._call("status")
 
     @api.get("/v1/experts")
     async def list_experts_http(self) -> dict:
@@ -319,34 +380,14 @@ class Ingress:
     async def GenerateStream(self, request: Any, grpc_context: Any = None):  # noqa: N802, ANN201
         try:
             params, deadline = self._grpc_params(request)
-            params["seed"] = params.get("seed", random.randrange(2**63))  # every attempt, the same images
-            budget = deadline or self.default_deadline_s
-            started = time.monotonic()
-            trace = request.trace or "auto"
-            for attempt in range(1, MAX_ATTEMPTS + 1):
-                left = deadline if attempt == 1 else budget - (time.monotonic() - started)
-                stream = self.router.options(stream=True).generate_stream.remote(params, left, trace)
-                try:
-                    async for item in stream:
-                        if isinstance(item, Progress):
-                            yield gen.GenerateProgress(
-                                step=item.step, total_steps=item.total, sigma=item.sigma
-                            )
-                        else:
-                            result = self._grpc_response(replace(item, attempts=attempt), request.output)
-                            yield gen.GenerateProgress(
-                                step=len(item.trace), total_steps=len(item.trace), result=result
-                            )
-                    return
-                except (
-                    ROUTER_LOST
-                ) as e:  # run again from scratch: progress starts over, the images are the same
-                    if attempt == MAX_ATTEMPTS or budget - (time.monotonic() - started) < 0.5:
-                        raise GenerationFailed(
-                            f"the router replica running this request died ({attempt} attempts): "
-                            f"{type(e).__name__}"
-                        ) from None
-                    log.warning("router replica lost under a stream (%s); running it again", type(e).__name__)
+            async for item in self._stream(params, deadline, request.trace or "auto"):
+                if isinstance(item, Progress):
+                    yield gen.GenerateProgress(step=item.step, total_steps=item.total, sigma=item.sigma)
+                else:
+                    result = self._grpc_response(item, request.output)
+                    yield gen.GenerateProgress(
+                        step=len(item.trace), total_steps=len(item.trace), result=result
+                    )
         except Exception as e:  # noqa: BLE001
             # Serve ships the context to the client with each message; after the last one only an exception
             # carries a status code the handler set (gRPCStatusError), so set it, then raise.

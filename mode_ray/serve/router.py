@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,7 @@ class Router:
         self.gate: Gate = await asyncio.to_thread(self._build_gate, self._gate_path)
         self._clients: dict[str, ExpertClient] = {}
         self._adding: dict[str, tuple[asyncio.Task, threading.Event]] = {}  # hot-adds in progress
+        self._history: deque[dict] = deque()  # engine readings of the last ~5 s (`_rates`)
         self.engine = StepEngine(self.config, self.args.router, self._client)
         self._lock = asyncio.Lock()
         self._pool_wake = asyncio.Event()  # a hot-add took a warm application: refill now
@@ -103,7 +106,7 @@ class Router:
         published through another replica)."""
         while True:
             try:
-                data = await self.registry.poll(self.engine.uses(), sum(self.engine.load))
+                data = await self.registry.poll(self.engine.uses(), sum(self.engine.load), self._rates())
                 if data.version > self.registry.version:
                     async with self._lock:
                         await self._take(data)
@@ -126,6 +129,86 @@ class Router:
         for key in list(self._clients):  # forget the clients of versions no request can call any more
             if key not in keep:
                 self._clients.pop(key, None)
+
+    def _rates(self) -> dict:
+        """This replica's engine over the last ~5 s (from readings at each poll): what `status` sums."""
+        now = self.engine.stats()
+        self._history.append(now)
+        while len(self._history) > 2 and now["at"] - self._history[0]["at"] > 5.0:
+            self._history.popleft()
+        old = self._history[0]
+        dt = max(now["at"] - old["at"], 1e-6)
+
+        def per_s(key: str) -> dict[str, float]:
+            return {k: round((v - old[key].get(k, 0)) / dt, 3) for k, v in now[key].items()}
+
+        return {
+            "active": now["active"],
+            "queued": now["queued"],
+            "ticks_per_s": round((now["ticks"] - old["ticks"]) / dt, 2),
+            "rows_per_s": round((now["rows"] - old["rows"]) / dt, 2),
+            "expert_rows_per_s": per_s("expert_rows"),
+            "expert_weight_per_s": per_s("expert_weight"),
+            "expert_call_p50_ms": now["expert_call_p50_ms"],
+        }
+
+    async def status(self) -> dict:
+        """The cluster at a glance (`GET /v1/status`, `mode-ray status`): every expert with its replicas,
+        rows/s and share of the routing weight over the last ~5 s, summed over the router replicas, and the
+        median send-to-reply time of its recent calls; the router replicas' load."""
+        from mode_ray.serve.deploy import serve_status
+
+        per_replica = list((await self.registry.actor.stats.remote()).values())
+        apps = (await asyncio.to_thread(serve_status)).applications
+
+        def running(app: str) -> int:
+            status = apps.get(app)
+            if status is None:
+                return 0
+            return sum(
+                n
+                for d in status.deployments.values()
+                for state, n in d.replica_states.items()
+                if getattr(state, "value", state) == "RUNNING"
+            )
+
+        def total(key: str, name: str) -> float:
+            return sum(r.get(key, {}).get(name, 0.0) for r in per_replica)
+
+        weight = sum(sum(r.get("expert_weight_per_s", {}).values()) for r in per_replica)
+        experts = []
+        for e in self.registry.entries():
+            p50s = [
+                r["expert_call_p50_ms"][e.name]
+                for r in per_replica
+                if e.name in r.get("expert_call_p50_ms", {})
+            ]
+            experts.append(
+                {
+                    "name": e.name,
+                    "version": e.version,
+                    "state": e.state,
+                    "application": e.application if e.endpoint == "serve" else None,
+                    "replicas": running(e.application) if e.endpoint == "serve" else None,
+                    "rows_per_s": round(total("expert_rows_per_s", e.name), 2),
+                    "routed_share": round(total("expert_weight_per_s", e.name) / weight, 4)
+                    if weight
+                    else 0.0,
+                    "call_p50_ms": round(statistics.median(p50s), 3) if p50s else None,
+                }
+            )
+        return {
+            "registry_version": self.registry.version,
+            "router": {
+                "replicas": len(per_replica),
+                "active": sum(r.get("active", 0) for r in per_replica),
+                "queued": sum(r.get("queued", 0) for r in per_replica),
+                "ticks_per_s": round(sum(r.get("ticks_per_s", 0.0) for r in per_replica), 2),
+                "rows_per_s": round(sum(r.get("rows_per_s", 0.0) for r in per_replica), 2),
+            },
+            "experts": experts,
+            "warm_pool": {"target": self.args.warm_pool, "free": self.registry.pool},
+        }
 
     def snapshot(self) -> Snapshot:
         """What a request admitted now routes with: the ready experts and the live gate."""

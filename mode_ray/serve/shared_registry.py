@@ -48,6 +48,7 @@ class RegistryActor:
         self._replicas: dict[
             str, tuple[float, int, dict[str, int], int]
         ] = {}  # id -> (at, version, uses, active)
+        self._stats: dict[str, dict] = {}  # id -> its engine's recent rates (`mode-ray status`)
         self._startup: tuple[str, bool] | None = None  # (replica, finished)
         self._fresh_done = False
         self._changing: dict[str, str] = {}  # expert name -> the replica replacing it
@@ -109,11 +110,21 @@ class RegistryActor:
         now = time.monotonic()
         return {r: v for r, v in self._replicas.items() if now - v[0] < STALE_S}
 
-    def heartbeat(self, replica: str, version: int, uses: dict[str, int], active: int = 0) -> None:
+    def heartbeat(
+        self, replica: str, version: int, uses: dict[str, int], active: int = 0, stats: dict | None = None
+    ) -> None:
         """`replica` has seen registry `version`; `uses`: its admitted requests that may route to each
-        draining expert; `active`: its requests in the engine (active + queued)."""
+        draining expert; `active`: its requests in the engine (active + queued); `stats`: its recent rates."""
         with self._cond:
             self._replicas[replica] = (time.monotonic(), version, dict(uses), active)
+            if stats is not None:
+                self._stats[replica] = stats
+
+    def stats(self) -> dict[str, dict]:
+        """The recent rates of every live replica's engine."""
+        with self._cond:
+            live = self._live()
+            return {r: st for r, st in self._stats.items() if r in live}
 
     def replicas(self) -> dict[str, dict[str, int]]:
         """Live replicas: the registry version each has seen and its requests in the engine."""
@@ -301,9 +312,9 @@ class RegistryClient:
         return await self._write("set_gate", path)
 
     # ---- replicas ----------------------------------------------------------------------------------
-    async def poll(self, uses: dict[str, int], active: int) -> RegistryFile:
+    async def poll(self, uses: dict[str, int], active: int, stats: dict | None = None) -> RegistryFile:
         """Report this replica's state, then wait (up to POLL_S) for a newer registry than the local one."""
-        await self.actor.heartbeat.remote(self.replica, self._data.version, uses, active)
+        await self.actor.heartbeat.remote(self.replica, self._data.version, uses, active, stats)
         return await self.actor.wait_newer.remote(self._data.version, POLL_S)
 
     async def wait_drained(self, name: str, version: int, timeout_s: float) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
 from mode_ray.generation.result import MAX_FULL_TRACE_ROWS, GenerationResult, StepTrace, merge_results
@@ -47,3 +49,18 @@ def test_merged_lanes_join_every_evaluation_in_order() -> None:
         assert step.experts == [row for p in parts for row in p.trace[t].experts]
         assert step.weights == [row for p in parts for row in p.trace[t].weights]
         assert step.step == t and len(step.dropped) == 5
+
+
+def test_the_routing_matrix_holds_each_evaluations_weights_and_dropped_mass() -> None:
+    from mode_ray.generation import GenerationResult, StepTrace
+
+    trace = [
+        StepTrace(0, 80.0, [["a", "b"], ["a"]], [[0.75, 0.25], [1.0]], [0.0, 0.0]),
+        StepTrace(1, 10.0, [["b"], ["c", "b"]], [[1.0], [0.2, 0.8]], [0.2, 0.0]),
+    ]
+    result = GenerationResult(images=torch.zeros(2, 1, 2, 2), labels=[1, 1], seed=0, trace=trace)
+    names, weights, dropped = result.routing()
+    assert names == ["b", "a", "c"]  # heaviest first
+    assert np.allclose(weights, [[0.125, 0.9], [0.875, 0.0], [0.0, 0.1]])
+    assert dropped.tolist() == pytest.approx([0.0, 0.1])
+    assert result.routing_png()[:8] == b"\x89PNG\r\n\x1a\n"

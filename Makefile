@@ -1,4 +1,5 @@
-# Two commands for a fresh machine:  `make demo` (install + generate with the shipped experts) and `make test`.
+# Two commands for a fresh machine:  `make serve` (install + serve the shipped experts; the playground at /) and `make test`.
+# `make demo` is the quick look without a server (install + one in-process grid).
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0

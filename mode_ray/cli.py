@@ -680,7 +680,10 @@ def serve(
     typer.echo("deploying the router and the experts ...")
     ray_serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
     typer.echo(
-        f"HTTP  http://{host}:{port}/v1/generate   (GET /v1/experts, GET /healthz)\n"
+        f"playground  http://{host}:{port}/\n"
+        f"HTTP  http://{host}:{port}/v1/generate   (GET /v1/experts, GET /v1/status, GET /healthz)\n"
+        f"      curl -s -X POST {host}:{port}/v1/generate -H 'content-type: application/json' "
+        f'-d \'{{"prompt": "seven", "num_images": 16}}\' -o grid.png\n'
         f"gRPC  {host}:{grpc_port}  mode_ray.v1.GenerationService, experts via inference.GRPCInferenceService\n"
         f"admin API {'on' if mr_env.admin_token() else 'off (set MODE_RAY_ADMIN_TOKEN to enable)'}\n"
         "Ctrl-C to stop."

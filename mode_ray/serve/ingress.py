@@ -5,6 +5,7 @@ turns results into PNG grids or raw arrays. All generation work happens in the r
 """
 
 import hmac
+import importlib.resources
 import json
 import logging
 import random
@@ -16,7 +17,7 @@ from typing import Any, Literal, get_args
 import grpc
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import Field, ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -31,6 +32,7 @@ from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
 from mode_ray.serve.errors import DeadlineExceeded, GenerationFailed, Overloaded
 
 MAX_DEADLINE_S = 3600.0
+PLAYGROUND = (importlib.resources.files("mode_ray.serve") / "static" / "playground.html").read_text("utf-8")
 MAX_ATTEMPTS = 3  # a request whose router replica dies runs again, at most this many times in all
 ROUTER_LOST = (RayActorError, ActorUnavailableError)  # the replica died (or is unreachable) under the call
 log = logging.getLogger("ray.serve")
@@ -202,6 +204,11 @@ class Ingress:
                 log.warning("router replica lost under a stream (%s); running it again", type(e).__name__)
 
     # ---- HTTP ------------------------------------------------------------------------------------
+    @api.get("/", response_class=HTMLResponse)
+    async def playground(self) -> HTMLResponse:
+        """The playground page (plain HTML + JS shipped in the package; everything it loads is this API)."""
+        return HTMLResponse(PLAYGROUND)
+
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}

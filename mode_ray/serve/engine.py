@@ -330,6 +330,7 @@ class StepEngine:
         failed: list[dict[int, set[int]]] = [{} for _ in groups]
         for call, result in zip(calls, results, strict=True):
             self.expert_rows[call.expert] = self.expert_rows.get(call.expert, 0) + len(call.rows)
+            self.metrics.routed_rows.inc(len(call.rows), tags={"expert": call.expert})
             if isinstance(result, ExpertReply):
                 self.expert_busy_s[call.expert] = self.expert_busy_s.get(call.expert, 0.0) + result.forward_s
                 self.expert_call_s.setdefault(call.expert, deque(maxlen=256)).append(result.wire_s)
@@ -476,9 +477,14 @@ class StepEngine:
                 share = (lane.dropped - before[i]) / len(failed[i])
                 self.metrics.dropped_mass.inc(share, tags={"expert": a.snapshot.entries[e].name})
             if lane.trace:
+                carried: dict[str, float] = {}
                 for names, weights in zip(lane.trace[-1].experts, lane.trace[-1].weights, strict=True):
                     for name, w in zip(names, weights, strict=True):
-                        self.expert_weight[name] = self.expert_weight.get(name, 0.0) + w
+                        carried[name] = carried.get(name, 0.0) + w
+                for name, w in carried.items():
+                    self.expert_weight[name] = self.expert_weight.get(name, 0.0) + w
+                    if w > 0:
+                        self.metrics.routing_weight.inc(w, tags={"expert": name})
 
     def stats(self) -> dict[str, Any]:
         """Counters since start (rates come from two readings) and each expert's recent call p50 (ms)."""
@@ -509,6 +515,7 @@ class StepEngine:
         if all(s.done for s in a.lanes):
             seconds = time.monotonic() - a.started
             self.metrics.requests.inc(tags={"outcome": "ok"})
+            self.metrics.request_seconds.observe(seconds)
             version = a.snapshot.version
             result = merge_results([s.result(a.id, version, seconds, a.timing) for s in a.lanes])
             a.future.set_result(replace(result, cold_starts=dict(a.cold_starts)))

@@ -14,6 +14,7 @@ from typing import Any, Literal
 ROW_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 CALL_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128]
 TICK_BUCKETS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5]
+REQUEST_BUCKETS = [0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60, 300]
 PHASE_BUCKETS = [0.0001, 0.0003, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5]
 
 
@@ -31,6 +32,26 @@ METRICS: dict[str, Metric] = {
     for m in [
         # the router (step engine)
         Metric("mode_ray_requests_total", "Counter", "generation requests by outcome", ("outcome",)),
+        Metric(
+            "mode_ray_request_seconds",
+            "Histogram",
+            "latency of a completed generation request, admission to result",
+            (),
+            tuple(REQUEST_BUCKETS),
+        ),
+        Metric("mode_ray_routed_rows_total", "Counter", "rows the router sent to each expert", ("expert",)),
+        Metric(
+            "mode_ray_routing_weight_total",
+            "Counter",
+            "routing weight each expert carried (sum over rows and evaluations; its share is its rate over the sum)",
+            ("expert",),
+        ),
+        Metric(
+            "mode_ray_expert_replicas",
+            "Gauge",
+            "RUNNING replicas of each expert, as Serve reports",
+            ("expert",),
+        ),
         Metric(
             "mode_ray_expert_calls_total",
             "Counter",
@@ -118,6 +139,10 @@ class RouterMetrics:
         self.active = make("mode_ray_active_requests")
         self.queued = make("mode_ray_queued_requests")
         self.registry_version = make("mode_ray_registry_version")
+        self.request_seconds = make("mode_ray_request_seconds")
+        self.routed_rows = make("mode_ray_routed_rows_total")
+        self.routing_weight = make("mode_ray_routing_weight_total")
+        self.expert_replicas = make("mode_ray_expert_replicas")
 
 
 class ExpertMetrics:

@@ -96,6 +96,7 @@ class Router:
         self._started = loop.create_task(self._start())
         await asyncio.shield(self._started)  # the app is RUNNING only once every expert answers ModelReady
         self._pool_task = loop.create_task(self._keep_pool())
+        self._replicas_task = loop.create_task(self._count_replicas())
 
     def _build_gate(self, published: str | None) -> Gate:
         return build_gate(self.config.gate, self.args.model_dir, Path(published) if published else None)
@@ -161,17 +162,6 @@ class Router:
         per_replica = list((await self.registry.actor.stats.remote()).values())
         apps = (await asyncio.to_thread(serve_status)).applications
 
-        def running(app: str) -> int:
-            status = apps.get(app)
-            if status is None:
-                return 0
-            return sum(
-                n
-                for d in status.deployments.values()
-                for state, n in d.replica_states.items()
-                if getattr(state, "value", state) == "RUNNING"
-            )
-
         def total(key: str, name: str) -> float:
             return sum(r.get(key, {}).get(name, 0.0) for r in per_replica)
 
@@ -189,7 +179,7 @@ class Router:
                     "version": e.version,
                     "state": e.state,
                     "application": e.application if e.endpoint == "serve" else None,
-                    "replicas": running(e.application) if e.endpoint == "serve" else None,
+                    "replicas": _running_replicas(apps, e.application) if e.endpoint == "serve" else None,
                     "rows_per_s": round(total("expert_rows_per_s", e.name), 2),
                     "routed_share": round(total("expert_weight_per_s", e.name) / weight, 4)
                     if weight
@@ -309,6 +299,24 @@ class Router:
                 await asyncio.wait_for(self._pool_wake.wait(), 2.0)
             except TimeoutError:
                 pass
+
+    async def _count_replicas(self) -> None:
+        """Every 5 s: the RUNNING replicas of each expert as a gauge (mode_ray_expert_replicas), from Serve."""
+        from mode_ray.serve.deploy import serve_status
+
+        while True:
+            try:
+                apps = (await asyncio.to_thread(serve_status)).applications
+                for e in self.registry.entries():
+                    if e.endpoint == "serve":
+                        self.engine.metrics.expert_replicas.set(
+                            _running_replicas(apps, e.application), tags={"expert": e.name}
+                        )
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the controller busy or restarting: next time
+                log.debug("replica count failed: %r", e)
+            await asyncio.sleep(5.0)
 
     async def _load_warm(self, entry: ExpertEntry) -> None:
         """Ask a warm application to load the expert its registry entry assigns it; a ValueError (HTTP 400)
@@ -724,6 +732,19 @@ async def _canary_expert(client: ExpertClient, card: ExpertCard) -> None:
                 f"path: expert {card.name!r} answered its canary pass ({which} a condition, sigma 0.01 / 1 / 80) "
                 f"with {bad} x0_hat; it is not routed"
             )
+
+
+def _running_replicas(apps: dict[str, Any], app: str) -> int:
+    """RUNNING replicas of Serve application `app` in a `serve.status().applications` (0 when it is gone)."""
+    status = apps.get(app)
+    if status is None:
+        return 0
+    return sum(
+        n
+        for d in status.deployments.values()
+        for state, n in d.replica_states.items()
+        if getattr(state, "value", state) == "RUNNING"
+    )
 
 
 def _client_key(entry: ExpertEntry) -> str:

@@ -40,7 +40,10 @@ Dataset = Annotated[
 ]
 
 
-def _ray(address: str | None, num_cpus: int | None) -> None:
+def _ray(address: str | None, num_cpus: int | None, train: bool = False) -> None:
+    """Start Ray on this machine (or join `address` / RAY_ADDRESS). For training (`train`), with the dashboard
+    process on loopback: it serves the state API that Ray Train's placement-group cleaner polls (without it
+    the cleaner logs "State API may be temporarily unavailable" every few seconds)."""
     import ray
 
     if not ray.is_initialized():
@@ -48,10 +51,20 @@ def _ray(address: str | None, num_cpus: int | None) -> None:
         ray.init(
             address=address,
             num_cpus=None if joining else num_cpus,
-            include_dashboard=False,
+            include_dashboard=train and not joining,
+            dashboard_host="127.0.0.1",
+            dashboard_port=_free_port() if train and not joining else None,
             log_to_driver=True,
             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_pythonpath())}},
         )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _pythonpath() -> list[str]:
@@ -90,20 +103,24 @@ def train_experts_cmd(
 ) -> None:
     """Train one expert per shard of a partition, each in its own isolated TorchTrainer job."""
     from mode_ray.train.jobs import train_experts
+    from mode_ray.train.progress import progress_bars
 
-    _ray(address, num_cpus)
-    base = _job(
-        kind="expert",
-        name="x",
-        dataset=dataset,
-        preset=preset,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        cond_dropout=cond_dropout,
-        seed=seed,
-    )
-    for p in train_experts(out, partition, base, workers, cpus_per_worker, parallel, gpu, shard):
+    _ray(address, num_cpus, train=True)
+    with progress_bars(typer.echo) as board:  # one bar per expert job, then a summary line each
+        base = _job(
+            kind="expert",
+            name="x",
+            dataset=dataset,
+            preset=preset,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            cond_dropout=cond_dropout,
+            seed=seed,
+            progress=board,
+        )
+        paths = train_experts(out, partition, base, workers, cpus_per_worker, parallel, gpu, shard)
+    for p in paths:
         typer.echo(f"wrote {p}")
 
 
@@ -155,14 +172,22 @@ def train_gate_cmd(
         raise typer.BadParameter("--extend needs at least one --expert directory")
     if extend is None and (expert or out or publish):
         raise typer.BadParameter("--expert, --out and --publish go with --extend")
-    _ray(address, num_cpus)
-    base = _job(kind="gate", name="gate", steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    from mode_ray.train.progress import progress_bars
+
+    _ray(address, num_cpus, train=True)
     try:
+        with progress_bars(typer.echo) as board:
+            base = _job(
+                kind="gate", name="gate", steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=board
+            )
+            if mixture is not None:
+                path = train_gate(mixture, base, workers, cpus_per_worker, gpu)
+            else:
+                assert extend is not None and expert
+                path = extend_gate(extend, list(expert), base, workers, cpus_per_worker, gpu, out)
         if mixture is not None:
-            typer.echo(f"wrote {train_gate(mixture, base, workers, cpus_per_worker, gpu)}")
+            typer.echo(f"wrote {path}")
             return
-        assert extend is not None and expert
-        path = extend_gate(extend, list(expert), base, workers, cpus_per_worker, gpu, out)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -209,19 +234,24 @@ def train_dense_cmd(
         dirs = [match_compute / "experts" / n for n in load_config(match_compute).experts]
         steps = steps_for_compute(dirs, preset, batch_size)
         typer.echo(f"{preset}: {steps} steps match the training compute of {match_compute}")
-    _ray(address, num_cpus)
-    base = _job(
-        kind="dense",
-        name="dense",
-        dataset=dataset,
-        preset=preset,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        cond_dropout=cond_dropout,
-        seed=seed,
-    )
-    typer.echo(f"wrote {train_dense(out, base, workers, cpus_per_worker, gpu)}")
+    from mode_ray.train.progress import progress_bars
+
+    _ray(address, num_cpus, train=True)
+    with progress_bars(typer.echo) as board:
+        base = _job(
+            kind="dense",
+            name="dense",
+            dataset=dataset,
+            preset=preset,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            cond_dropout=cond_dropout,
+            seed=seed,
+            progress=board,
+        )
+        path = train_dense(out, base, workers, cpus_per_worker, gpu)
+    typer.echo(f"wrote {path}")
 
 
 @train_app.command("classifier")
@@ -240,19 +270,23 @@ def train_classifier_cmd(
 ) -> None:
     """Train the evaluation classifier (accuracy judge and FID feature extractor) on the training split."""
     from mode_ray.train.loops import fit
+    from mode_ray.train.progress import progress_bars
 
-    _ray(address, num_cpus)
-    cfg = _job(
-        kind="classifier",
-        name="classifier",
-        dataset=dataset,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        ema_decay=0.99,
-    )
-    typer.echo(f"wrote {fit(cfg, out, workers, cpus_per_worker, gpu)}")
+    _ray(address, num_cpus, train=True)
+    with progress_bars(typer.echo) as board:
+        cfg = _job(
+            kind="classifier",
+            name="classifier",
+            dataset=dataset,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            ema_decay=0.99,
+            progress=board,
+        )
+        path = fit(cfg, out, workers, cpus_per_worker, gpu)
+    typer.echo(f"wrote {path}")
 
 
 def _write_output(out: Path, result, scale: int = 1, labels: bool = False) -> None:  # type: ignore[no-untyped-def]

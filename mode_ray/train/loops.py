@@ -26,6 +26,7 @@ from mode_ray.routing.gates import LearnedGateConfig, LearnedGateNet
 from mode_ray.train.classifier import Classifier, save_classifier
 from mode_ray.train.data import Dataset, load_dataset
 from mode_ray.train.partitions import PartitionSpec, partition
+from mode_ray.train.progress import report
 
 JobKind = Literal["expert", "dense", "gate", "classifier"]
 
@@ -51,6 +52,7 @@ class JobConfig:
     threads: int = 0  # torch threads per worker; 0 = the worker's CPUs
     gate_experts: list[str] = field(default_factory=list)  # gate: output rows, one per shard of `partition`
     base_gate: str | None = None  # gate: extend this gate directory (its rows frozen) with the new rows
+    progress: str | None = None  # the ProgressBoard actor to report to (mode_ray.train.progress), if any
 
 
 def _flops_per_sample(model: torch.nn.Module, shape: tuple[int, ...], cond_dim: int) -> int:
@@ -100,6 +102,7 @@ def train_loop_per_worker(config: dict) -> None:
     g = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     local_batch = max(1, cfg.batch_size // world)
     t0, seen, running = time.time(), 0, 0.0
+    smooth: float | None = None
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, step)
@@ -118,6 +121,24 @@ def train_loop_per_worker(config: dict) -> None:
                 b_ema.copy_(b)
         seen += local_batch * world
         running += loss.item()
+        smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()  # the bar's (EMA)
+        if (
+            rank == 0
+            and cfg.progress
+            and ((step + 1) % max(1, cfg.steps // 200) == 0 or step + 1 == cfg.steps)
+        ):
+            elapsed = time.time() - t0
+            report(
+                cfg.progress,
+                f"{cfg.kind} {cfg.name}",
+                {
+                    "step": step + 1,
+                    "steps": cfg.steps,
+                    "loss": smooth,
+                    "images_per_s": seen / elapsed,
+                    "elapsed_s": elapsed,
+                },
+            )
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             elapsed = time.time() - t0
             n = (step % cfg.log_every) + 1
@@ -127,7 +148,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "images_per_s": seen / elapsed,
                 "elapsed_s": elapsed,
             }
-            if rank == 0:
+            if rank == 0 and not cfg.progress:  # with a board, the driver draws a progress bar instead
                 print(
                     f"[{cfg.kind} {cfg.name}] step {step + 1}/{cfg.steps} loss {running / n:.4f} "
                     f"{seen / elapsed:.0f} img/s {elapsed:.0f}s",
@@ -281,6 +302,7 @@ def fit(
     if out.exists():
         shutil.rmtree(out)
     result.checkpoint.to_directory(str(out))
+    report(cfg.progress, f"{cfg.kind} {cfg.name}", {"done": True, "path": str(out)})
     return out
 
 

@@ -31,3 +31,21 @@ def test_two_worker_expert_and_gate_jobs(ray_session, tmp_path) -> None:  # noqa
     bundle = load_bundle(tmp_path / "mix")
     assert bundle.mixture.names == ["digits-0-1", "digits-2-3"]
     assert bundle.config.gate.learned == "gate"
+
+
+@pytest.mark.slow
+def test_jobs_report_to_the_progress_board_and_end_with_a_summary_line(ray_session, tmp_path) -> None:  # noqa: ANN001
+    """Two expert jobs at once report to one board; the driver's bars read it, and each job ends with one
+    summary line naming its steps, loss, speed and checkpoint (what `mode-ray train experts` prints)."""
+    from mode_ray.train.progress import progress_bars
+
+    lines: list[str] = []
+    with progress_bars(lines.append) as board:
+        base = JobConfig(kind="expert", name="x", preset="xs", steps=8, batch_size=8, progress=board)
+        paths = train_experts(
+            tmp_path / "mix", "labels:0,1|2,3", base, workers=1, cpus_per_worker=1, parallel=2
+        )
+    assert len(lines) == 2 and [p.name for p in paths] == ["digits-0-1", "digits-2-3"]
+    for line, path in zip(lines, paths, strict=True):
+        assert line.startswith(f"expert {path.name}: 8/8 steps, loss ") and line.endswith(f"-> {path}")
+        assert " img/s, " in line

@@ -20,6 +20,7 @@ deadline under fair sharing.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import statistics
 import time
 import uuid
@@ -240,10 +241,13 @@ class StepEngine:
             )
 
     def _ensure_loops(self) -> None:
+        """Start the tick loops (again, if one ended). In an empty context: a task inherits the context of the
+        request that starts it, and Serve cancels every call made in a request's context when that request is
+        cancelled (its client hung up), which would cancel the expert calls of every later tick."""
         loop = asyncio.get_running_loop()
         for k, task in enumerate(self._loop_tasks):
             if task is None or task.done():
-                self._loop_tasks[k] = loop.create_task(self._run(k))
+                self._loop_tasks[k] = loop.create_task(self._run(k), context=contextvars.Context())
 
     def _admit(self) -> None:
         """Move queued requests into the engine (up to max_active_requests), each into the smallest cohort."""
@@ -275,6 +279,12 @@ class StepEngine:
             lanes = self.pick(mine)
             try:
                 await self.tick(lanes)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # the loop itself is stopped
+                    raise
+                for a in mine:  # a call of the tick was cancelled from outside: fail its requests, tick on
+                    self._fail(a, GenerationFailed("an expert call of this step was cancelled"))
             except Exception as e:  # noqa: BLE001 - a bug in one tick must fail its requests, not hang them
                 for a in mine:
                     self._fail(a, GenerationFailed(f"internal error in the step engine: {e!r}"))
@@ -439,7 +449,10 @@ class StepEngine:
                     tags={"expert": call.expert, "outcome": "retry" if attempt == 0 else "failed"}
                 )
         if call.client not in self._unavailable:
-            self._unavailable[call.client] = asyncio.ensure_future(_until_ready(call.client))
+            loop = asyncio.get_running_loop()
+            self._unavailable[call.client] = loop.create_task(
+                _until_ready(call.client), context=contextvars.Context()
+            )
         return error
 
     async def _offload(self, fn: Callable, groups: list[list[Lane]], *args: object) -> Any:

@@ -192,9 +192,11 @@ class Ingress:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             left = deadline_s if attempt == 1 else budget - (time.monotonic() - started)
             stream = self.router.options(stream=True).generate_stream.remote(params, left, trace)
+            finished = False
             try:
                 async for item in stream:
                     yield item if isinstance(item, Progress) else replace(item, attempts=attempt)
+                finished = True
                 return
             except ROUTER_LOST as e:
                 if attempt == MAX_ATTEMPTS or budget - (time.monotonic() - started) < 0.5:
@@ -202,6 +204,9 @@ class Ingress:
                         f"the router replica running this request died ({attempt} attempts): {type(e).__name__}"
                     ) from None
                 log.warning("router replica lost under a stream (%s); running it again", type(e).__name__)
+            finally:
+                if not finished:  # the client left (or the call failed): the router drops the request
+                    stream.cancel()
 
     # ---- HTTP ------------------------------------------------------------------------------------
     @api.get("/", response_class=HTMLResponse)
@@ -259,13 +264,15 @@ class Ingress:
             return f"event: result\ndata: {json.dumps(item.to_json())}\n\n"
 
         async def events() -> AsyncIterator[str]:
-            yield event(first)
             try:
+                yield event(first)
                 async for item in items:
                     yield event(item)
             except Exception as e:  # noqa: BLE001 - the status line is sent: report it as an event
                 data = {"status": _classify(e, HTTP_STATUS) or 500, "detail": _message(e)}
                 yield f"event: error\ndata: {json.dumps(data)}\n\n"
+            finally:  # also when the client hangs up: the router drops the request
+                await items.aclose()
 
         return StreamingResponse(
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}

@@ -665,14 +665,18 @@ class Router:
         req = resolve(GenerateParams.model_validate(params), self.config)
         queue: asyncio.Queue[Progress] = asyncio.Queue()
         task = asyncio.ensure_future(self.engine.generate(req, self.snapshot(), deadline_s, queue.put_nowait))
-        while not task.done() or not queue.empty():
-            getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                yield getter.result()
-            else:
-                getter.cancel()
-        yield task.result().with_trace(trace)
+        try:
+            while not task.done() or not queue.empty():
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            yield task.result().with_trace(trace)
+        finally:  # the caller left (a client hung up, the stream was cancelled): drop the request
+            if not task.done():
+                task.cancel()
 
     async def engine_stats(self) -> dict:
         """Counters of the step engine since start: ticks, rows sent to experts, each expert's reported forward

@@ -163,3 +163,40 @@ def test_status_and_the_cli(cluster, tmp_path) -> None:  # noqa: ANN001
     refused = runner.invoke(app, ["experts", "add", "d", "--url", sc.http_url, "--token", "wrong"])
     assert refused.exit_code == 2 and "admin token" in refused.output
     assert ADMIN_TOKEN != "wrong"
+
+
+def test_a_stream_whose_client_leaves_stops_its_request(cluster) -> None:  # noqa: ANN001
+    """The client reads one progress event of a long request and hangs up: the router drops the request (its
+    slot is free again: the one-request router admits the next), instead of computing it for nobody."""
+    sc, model = cluster
+    with Client(sc.http_url, retries=0) as c:
+        stream = c.stream(prompt=2, num_images=1, seed=2, steps=1000)
+        assert isinstance(next(stream), Progress)
+        wait_for(
+            lambda: c.status()["router"]["active"] == 1, "the request in the engine (heartbeats lag 0.5 s)"
+        )
+        stream.close()  # closes the HTTP response: the connection goes
+        wait_for(lambda: c.status()["router"]["active"] == 0, "the abandoned request dropped", timeout=30)
+        assert (c.generate(**BODY).images - expected(model, BODY)).abs().max() <= 1e-5
+
+
+def test_hanging_up_on_the_request_that_started_the_engine_hurts_no_other(serve_cluster, tmp_path) -> None:  # noqa: ANN001
+    """On a fresh router the first request starts the engine's tick loop. Its client hangs up while 4 other
+    requests share its ticks: they all finish with nothing dropped and the images they would have had, and the
+    abandoned request leaves the engine."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = build_tiny_mixture(tmp_path)
+    with tiny_app(serve_cluster, model), Client(serve_cluster.http_url, retries=0) as c:
+        first = c.stream(prompt=2, num_images=1, seed=2, steps=1000)
+        assert isinstance(next(first), Progress)
+        body = {**BODY, "steps": 60}
+        with ThreadPoolExecutor(4) as pool:
+            others = [pool.submit(c.generate, **{**body, "seed": i}) for i in range(4)]
+            wait_for(lambda: c.status()["router"]["active"] == 5, "all five requests stepping")
+            first.close()
+            results = [f.result() for f in others]
+        assert all(r.dropped_mass == 0 for r in results)
+        for i, r in enumerate(results):
+            assert (r.images - expected(model, {**body, "seed": i})).abs().max() <= 1e-5
+        wait_for(lambda: c.status()["router"]["active"] == 0, "the abandoned request gone")

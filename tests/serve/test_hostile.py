@@ -128,13 +128,15 @@ HTTP_CASES = [
 ]
 
 
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/generate/stream"])
 @pytest.mark.parametrize(
     ("body", "status", "words"), [c[1:] for c in HTTP_CASES], ids=[c[0] for c in HTTP_CASES]
 )
-def test_http_generate_rejects_at_the_edge(hostile, body, status, words) -> None:  # noqa: ANN001
+def test_http_generate_rejects_at_the_edge(hostile, path, body, status, words) -> None:  # noqa: ANN001
+    """The same refusals from the one-shot endpoint and the event stream (which refuses before it starts)."""
     sc, _ = hostile
     kw = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {}
-    r = httpx.post(f"{sc.http_url}/v1/generate", json=None if kw else body, timeout=60, **kw)
+    r = httpx.post(f"{sc.http_url}{path}", json=None if kw else body, timeout=60, **kw)
     assert r.status_code == status, r.text
     message = r.json().get("error") or r.json().get("detail")
     for word in words:
@@ -506,3 +508,7 @@ def test_after_everything_the_cluster_answers_with_its_state(hostile) -> None:  
         and len(r.json()["trace"][0]["weights"]) == 2
     )
     assert stats()["active"] == 0 and stats()["queued"] == 0
+    status = httpx.get(f"{sc.http_url}/v1/status").json()
+    assert sorted(e["name"] for e in status["experts"]) == ["a", "b", "c"]
+    page = httpx.get(f"{sc.http_url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

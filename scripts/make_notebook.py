@@ -1,4 +1,11 @@
-"""Writes notebooks/walkthrough.ipynb from the cells below (the notebook is executed by tests/test_notebook.py)."""
+"""Writes the notebooks from the cells below, with their outputs:
+
+    python scripts/make_notebook.py            # write the cells only (no outputs)
+    python scripts/make_notebook.py --execute  # run them (cluster.ipynb against a local cluster this starts)
+
+notebooks/walkthrough.ipynb runs the shipped mixture in-process; notebooks/cluster.ipynb drives a running
+cluster with the Python client. Each executed code cell records the sha256 of its source in its metadata, so
+tests/test_notebook.py can tell a stale output (its cell changed since it ran) from a current one."""
 
 from pathlib import Path
 
@@ -66,7 +73,8 @@ image forms it commits.""",
 display(Image(png_bytes(uncond.images, nrow=8)))
 first, last = uncond.trace[0], uncond.trace[-1]
 print("first step:", list(zip(first.experts[0], first.weights[0])))
-print("last step: ", list(zip(last.experts[0], last.weights[0])))""",
+print("last step: ", list(zip(last.experts[0], last.weights[0])))
+display(Image(uncond.routing_png()))  # experts x evaluations, mean weight over the 8 images""",
     ),
     (
         "md",
@@ -121,15 +129,181 @@ MODE_RAY_ADMIN_TOKEN=... mode-ray experts add <expert-dir>   # hot-add, no redep
 ]
 
 
-def main() -> None:
+CLUSTER_CELLS = [
+    (
+        "md",
+        """# mode_ray on a running cluster
+
+Start one with `make serve` (or `mode-ray serve`, with `MODE_RAY_ADMIN_TOKEN` set for the admin calls), then
+run this notebook: generate through the Python client, hot-add an expert without redeploying anything, watch
+its share of the routing, remove it. `MODE_RAY_URL` and `MODE_RAY_EXPERT_ROOT` point it elsewhere.""",
+    ),
+    (
+        "code",
+        """import json
+import os
+import shutil
+from pathlib import Path
+
+from IPython.display import Image, display
+
+from mode_ray import Client
+from mode_ray.cli import DEFAULT_MODEL
+
+URL = os.environ.get("MODE_RAY_URL", "http://127.0.0.1:8000")
+EXPERT_ROOT = Path(os.environ.get("MODE_RAY_EXPERT_ROOT", DEFAULT_MODEL / "experts"))  # the cluster's
+client = Client(URL)  # the admin token from MODE_RAY_ADMIN_TOKEN
+listing = client.experts.list()
+print("registry version", listing["registry_version"])
+for e in listing["experts"]:
+    print(f"  {e['name']:14s} v{e['version']}  {e['state']}")""",
+    ),
+    ("md", "## Generate\nThe result is the same `GenerationResult` that in-process generation returns."),
+    (
+        "code",
+        """result = client.generate(prompt="seven", num_images=8, seed=0)
+display(Image(result.png(nrow=8, scale=2)))
+display(Image(result.routing_png()))
+print("images", result.raw().shape, "dropped mass", result.dropped_mass, "registry", result.registry_version)""",
+    ),
+    (
+        "md",
+        """## Hot-add an expert
+A copy of `digits-1-4-7` whose card says it holds only sevens (its prototype). The cluster validates the files,
+loads it into a warm replica (or deploys it), proves it with a canary pass and routes to it; nothing else is
+redeployed, and requests in flight keep the experts they were admitted with.""",
+    ),
+    (
+        "code",
+        """new = EXPERT_ROOT / "sevens"
+shutil.rmtree(new, ignore_errors=True)
+shutil.copytree(EXPERT_ROOT / "digits-1-4-7", new)
+card = json.loads((new / "expert.json").read_text())
+card.update(name="sevens", prototype=[1.0 if d == 7 else 0.0 for d in range(10)])
+(new / "expert.json").write_text(json.dumps(card))
+print(client.experts.add("sevens"))""",
+    ),
+    (
+        "md",
+        """## Its share of the routing
+Requests for a seven now route to the newcomer, whose prototype matches best; `status()` sums what every router
+replica routed over the last few seconds.""",
+    ),
+    (
+        "code",
+        """sevens = client.generate(prompt=7, num_images=4, seed=1)
+carried = {n for t in sevens.trace for row in t.experts for n in row}
+print("experts that carried the sevens:", sorted(carried))
+for e in client.status()["experts"]:
+    print(f"  {e['name']:14s} replicas {e['replicas']}  routed {e['routed_share']:.0%}")
+assert "sevens" in carried""",
+    ),
+    ("md", "## Remove it\nDrained first: requests that may still use it finish with it."),
+    (
+        "code",
+        """print(client.experts.remove("sevens"))
+shutil.rmtree(new)
+print([e["name"] for e in client.experts.list()["experts"]])""",
+    ),
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = {"walkthrough": CELLS, "cluster": CLUSTER_CELLS}
+
+
+def build(cells: list[tuple[str, str]]) -> nbf.NotebookNode:
     nb = nbf.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [
-        nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in CELLS
+        nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in cells
     ]
-    out = Path(__file__).resolve().parent.parent / "notebooks" / "walkthrough.ipynb"
-    nbf.write(nb, out)
-    print(f"wrote {out}")
+    return nb
+
+
+def source_sha(source: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def execute(nb: nbf.NotebookNode, timeout: int = 600) -> nbf.NotebookNode:
+    """Run every cell (in notebooks/), then stamp each code cell with the sha256 of the source it ran."""
+    from nbclient import NotebookClient
+
+    NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    ).execute()
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.metadata["mode_ray"] = {"source_sha256": source_sha(cell.source)}
+            cell.execution_count = None  # stable diffs
+            for out in cell.get("outputs", []):
+                if out.get("output_type") == "execute_result":
+                    out["execution_count"] = None
+    return nb
+
+
+def local_cluster() -> tuple[str, Path, object]:
+    """A local Ray + Serve with a copy of the shipped mixture (its expert root a temp dir); returns (url,
+    expert root, a stop function)."""
+    import os
+    import shutil
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from local_serve import start_ray_serve
+    from ray import serve
+
+    from mode_ray.cli import DEFAULT_MODEL
+    from mode_ray.serve.app import build_app
+    from mode_ray.serve.config import APP_NAME, AppArgs
+
+    os.environ.setdefault("MODE_RAY_ADMIN_TOKEN", "notebook-token")
+    work = Path(tempfile.mkdtemp(prefix="mode-ray-notebook-"))
+    model = work / "mnist"
+    shutil.copytree(DEFAULT_MODEL, model)
+    http_port, grpc_port = start_ray_serve()
+    args = AppArgs(
+        model_dir=model,
+        state_dir=work / "state",
+        grpc_target=f"127.0.0.1:{grpc_port}",
+        warm_pool=1,
+        expert={"num_cpus": 0.25, "max_replicas": 1},
+        router={"num_cpus": 0.25},
+    )
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+
+    def stop() -> None:
+        serve.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+    return f"http://127.0.0.1:{http_port}", model / "experts", stop
+
+
+def main() -> None:
+    import os
+    import sys
+
+    run = "--execute" in sys.argv[1:]
+    stop = None
+    if run:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    try:
+        for name, cells in NOTEBOOKS.items():
+            nb = build(cells)
+            if run:
+                if name == "cluster":
+                    url, root, stop = local_cluster()
+                    os.environ["MODE_RAY_URL"], os.environ["MODE_RAY_EXPERT_ROOT"] = url, str(root)
+                nb = execute(nb)
+            out = ROOT / "notebooks" / f"{name}.ipynb"
+            nbf.write(nb, out)
+            print(f"wrote {out}")
+    finally:
+        if stop is not None:
+            stop()
 
 
 if __name__ == "__main__":

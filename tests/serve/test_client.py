@@ -108,7 +108,8 @@ def test_only_overload_is_retried_with_backoff(cluster) -> None:  # noqa: ANN001
     them the client backs off and succeeds once the first is done."""
     sc, model = cluster
     long = {"prompt": 1, "num_images": 1, "seed": 1, "steps": 150}
-    with Client(sc.http_url, retries=0) as c, Client(sc.http_url, retries=6, backoff_s=0.2) as patient:
+    # the patient client backs off up to 0.2 * (2**10 - 1) = 205 s in all: far longer than the long request
+    with Client(sc.http_url, retries=0) as c, Client(sc.http_url, retries=10, backoff_s=0.2) as patient:
         done = threading.Event()
         first = threading.Thread(target=lambda: (c.generate(**long), done.set()))
         first.start()

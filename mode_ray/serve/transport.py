@@ -100,6 +100,13 @@ def _ms(params: dict[str, Any], key: str) -> float:
     return float(value) / 1e3 if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
 
+def _reply(x0: torch.Tensor, t0: float, t1: float, t2: float, params: dict[str, Any]) -> ExpertReply:
+    """The reply of a call encoded from t0 to t1, answered at t2, with the parameters the expert reported."""
+    age = _ms(params, "age_ms") if "age_ms" in params else None
+    decode = time.perf_counter() - t2
+    return ExpertReply(x0, t1 - t0, t2 - t1, decode, _ms(params, "forward_ms"), _ms(params, "queue_ms"), age)
+
+
 class GrpcExpertClient:
     """OIP `ModelInfer` over grpc.aio. With `application` set, the call goes through the Serve gRPC proxy
     (metadata `application=expert-<name>`); without it, to a plain OIP server at `target`."""
@@ -131,15 +138,7 @@ class GrpcExpertClient:
         except (KeyError, ValueError) as e:
             raise ExpertCallError(f"expert {self.name!r} replied without a valid x0_hat: {e}") from None
         x0 = _x0_hat(self.name, out, x)
-        return ExpertReply(
-            x0,
-            t1 - t0,
-            t2 - t1,
-            time.perf_counter() - t2,
-            _ms(params, "forward_ms"),
-            _ms(params, "queue_ms"),
-            _ms(params, "age_ms") if "age_ms" in params else None,
-        )
+        return _reply(x0, t0, t1, t2, params)
 
     async def ready(self, timeout: float = 5.0) -> bool:
         try:
@@ -196,15 +195,7 @@ class HandleExpertClient:
             ) from None
         t2 = time.perf_counter()
         x0 = _x0_hat(self.name, out, x)
-        return ExpertReply(
-            x0,
-            t1 - t0,
-            t2 - t1,
-            time.perf_counter() - t2,
-            _ms(params, "forward_ms"),
-            _ms(params, "queue_ms"),
-            _ms(params, "age_ms") if "age_ms" in params else None,
-        )
+        return _reply(x0, t0, t1, t2, params)
 
     async def ready(self, timeout: float = 5.0) -> bool:
         return await self._oip.ready(timeout)

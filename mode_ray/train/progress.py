@@ -5,7 +5,6 @@ per job. Without a board (a job run by other code), rank 0 prints a log line eve
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -96,4 +95,3 @@ def progress_bars(echo: Any = print) -> Iterator[str]:
     for job, f in sorted(ray.get(board.read.remote()).items()):
         echo(summary_line(job, f))
     ray.kill(board)
-    time.sleep(0)  # let the kill go out before the caller shuts Ray down

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -28,3 +30,36 @@ def start_ray_serve() -> tuple[int, int]:
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
     )
     return http_port, grpc_port
+
+
+def serve_shipped_mixture(prefix: str = "mode-ray-") -> tuple[str, Path, Callable[[], None]]:
+    """A copy of the shipped mixture served on a local Ray + Serve (a warm pool of 1, small CPU shares):
+    returns (HTTP URL, the copy's expert root, a function that shuts it down and removes the copy)."""
+    import shutil
+    import tempfile
+
+    from ray import serve
+
+    from mode_ray.cli import DEFAULT_MODEL
+    from mode_ray.serve.app import build_app
+    from mode_ray.serve.config import APP_NAME, AppArgs
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    model = work / "mnist"
+    shutil.copytree(DEFAULT_MODEL, model)
+    http_port, grpc_port = start_ray_serve()
+    args = AppArgs(
+        model_dir=model,
+        state_dir=work / "state",
+        grpc_target=f"127.0.0.1:{grpc_port}",
+        warm_pool=1,
+        expert={"num_cpus": 0.25, "max_replicas": 1},
+        router={"num_cpus": 0.25},
+    )
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+
+    def stop() -> None:
+        serve.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+    return f"http://127.0.0.1:{http_port}", model / "experts", stop

@@ -244,41 +244,15 @@ def execute(nb: nbf.NotebookNode, timeout: int = 600) -> nbf.NotebookNode:
 
 
 def local_cluster() -> tuple[str, Path, object]:
-    """A local Ray + Serve with a copy of the shipped mixture (its expert root a temp dir); returns (url,
-    expert root, a stop function)."""
+    """A local Ray + Serve with a copy of the shipped mixture: (url, its expert root, a stop function)."""
     import os
-    import shutil
     import sys
-    import tempfile
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from local_serve import start_ray_serve
-    from ray import serve
-
-    from mode_ray.cli import DEFAULT_MODEL
-    from mode_ray.serve.app import build_app
-    from mode_ray.serve.config import APP_NAME, AppArgs
+    from local_serve import serve_shipped_mixture
 
     os.environ.setdefault("MODE_RAY_ADMIN_TOKEN", "notebook-token")
-    work = Path(tempfile.mkdtemp(prefix="mode-ray-notebook-"))
-    model = work / "mnist"
-    shutil.copytree(DEFAULT_MODEL, model)
-    http_port, grpc_port = start_ray_serve()
-    args = AppArgs(
-        model_dir=model,
-        state_dir=work / "state",
-        grpc_target=f"127.0.0.1:{grpc_port}",
-        warm_pool=1,
-        expert={"num_cpus": 0.25, "max_replicas": 1},
-        router={"num_cpus": 0.25},
-    )
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-
-    def stop() -> None:
-        serve.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
-
-    return f"http://127.0.0.1:{http_port}", model / "experts", stop
+    return serve_shipped_mixture("mode-ray-notebook-")
 
 
 def main() -> None:

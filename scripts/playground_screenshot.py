@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,35 +20,19 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from local_serve import start_ray_serve
-    from ray import serve
+    from local_serve import serve_shipped_mixture
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from mode_ray.cli import DEFAULT_MODEL
-    from mode_ray.serve.app import build_app
-    from mode_ray.serve.config import APP_NAME, AppArgs
-
-    work = Path(tempfile.mkdtemp(prefix="mode-ray-shot-"))
-    http_port, grpc_port = start_ray_serve()
-    args = AppArgs(
-        model_dir=DEFAULT_MODEL,
-        state_dir=work / "state",
-        grpc_target=f"127.0.0.1:{grpc_port}",
-        warm_pool=1,
-        expert={"num_cpus": 0.25, "max_replicas": 1},
-        router={"num_cpus": 0.25},
-        restore=False,
-    )
+    url, _, stop = serve_shipped_mixture("mode-ray-shot-")
     options = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1020"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
     try:
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-        driver.get(f"http://127.0.0.1:{http_port}/")
+        driver.get(f"{url}/")
         for field, value in {"prompt": "seven", "num_images": "16", "seed": "0"}.items():
             box = driver.find_element(By.ID, field)
             box.clear()
@@ -62,8 +45,7 @@ def main() -> None:
         print(f"wrote {OUT}")
     finally:
         driver.quit()
-        serve.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
+        stop()
 
 
 if __name__ == "__main__":

@@ -107,16 +107,24 @@ def test_only_overload_is_retried_with_backoff(cluster) -> None:  # noqa: ANN001
     """The router takes one request at a time: a second one gets 503. Without retries that is Overloaded; with
     them the client backs off and succeeds once the first is done."""
     sc, model = cluster
-    long = {"prompt": 1, "num_images": 1, "seed": 1, "steps": 150}
+    long = {"prompt": 1, "num_images": 1, "seed": 1, "steps": 60}
     # the patient client backs off up to 0.2 * (2**10 - 1) = 205 s in all: far longer than the long request
     with Client(sc.http_url, retries=0) as c, Client(sc.http_url, retries=10, backoff_s=0.2) as patient:
-        done = threading.Event()
-        first = threading.Thread(target=lambda: (c.generate(**long), done.set()))
+        running, done = threading.Event(), threading.Event()
+
+        def run_long() -> None:
+            # patient too: a request the previous test left may still hold the one slot for a moment. Its first
+            # progress event proves it is the one running in the router, so the next request must be refused.
+            for _ in patient.stream(**long):
+                running.set()
+            done.set()
+
+        first = threading.Thread(target=run_long)
         first.start()
-        wait_for(lambda: c.status()["router"]["active"] == 1, "the long request admitted")
+        assert running.wait(60), "the long request never started"
         with pytest.raises(Overloaded) as refused:
             c.generate(**BODY)
-        assert refused.value.status == 503
+        assert refused.value.status == 503 and not done.is_set()
         result = patient.generate(**BODY)  # retried until the long one left
         first.join()
     assert done.is_set() and (result.images - expected(model, BODY)).abs().max() <= 1e-5

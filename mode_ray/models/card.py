@@ -28,11 +28,40 @@ class Parametrization(BaseModel):
         return self
 
 
+ConditionType = Literal["class_label", "text", "none"]
+Backbone = Literal["unet", "dit", "diffusers_unet2d", "diffusers_unet2d_condition", "diffusers_dit"]
+DIFFUSERS_BACKBONES = ("diffusers_unet2d", "diffusers_unet2d_condition", "diffusers_dit")
+TOKEN_BACKBONES = ("dit", "diffusers_unet2d_condition")  # the backbones that can read token embeddings
+
+
 class Condition(BaseModel):
+    """What an expert is conditioned on. `class_label`: one-hot rows (B, D). `text`: a sentence encoder's
+    pooled embedding (B, D) and, when `tokens` > 0, its token embeddings packed beside it as (B, 1 + L, D)
+    (see mode_ray.models.conditions). The all-zeros condition is the null condition in both."""
+
     model_config = ConfigDict(extra="forbid")
-    type: Literal["class_label", "none"] = "class_label"
-    dim: int = Field(10, ge=0)
+    type: ConditionType = "class_label"
+    dim: int = Field(10, ge=0, le=4096)
     names: list[str] = Field(default_factory=list)
+    tokens: int = Field(
+        0, ge=0, le=512, description="L: token embeddings per prompt (text only; 0: pooled only)"
+    )
+    encoder: str | None = Field(None, max_length=200, description="the text encoder, e.g. 'all-MiniLM-L6-v2'")
+
+    @model_validator(mode="after")
+    def _tokens_need_text(self) -> Condition:
+        if self.tokens and self.type != "text":
+            raise ValueError(
+                f"condition.tokens: only a 'text' condition has tokens, this one is {self.type!r}"
+            )
+        return self
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of one row's condition: () without one, (D,) pooled, (1 + L, D) with tokens."""
+        if self.type == "none" or self.dim == 0:
+            return ()
+        return (1 + self.tokens, self.dim) if self.tokens else (self.dim,)
 
 
 class DataSummary(BaseModel):
@@ -49,7 +78,7 @@ class ExpertCard(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=NAME_PATTERN)
     version: str = "1"
-    backbone: Literal["unet", "diffusers_unet2d"] = "unet"
+    backbone: Backbone = "unet"
     backbone_config: dict[str, Any]
     formulation: Literal["edm"] = "edm"
     parametrization: Parametrization = Field(default_factory=Parametrization)
@@ -93,7 +122,7 @@ class ExpertCard(BaseModel):
 
     @model_validator(mode="after")
     def _parametrization_fits_backbone(self) -> ExpertCard:
-        expected = "ddpm" if self.backbone == "diffusers_unet2d" else "edm"
+        expected = "ddpm" if self.backbone in DIFFUSERS_BACKBONES else "edm"
         if self.parametrization.kind != expected:
             raise ValueError(
                 f"parametrization.kind: a {self.backbone!r} backbone needs {expected!r}, "

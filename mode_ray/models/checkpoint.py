@@ -47,18 +47,13 @@ def build_denoiser(card: ExpertCard) -> nn.Module:
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"expert {card.name!r}: backbone_config is invalid: {e}") from None
         return EDMPrecond(UNet(config), sigma_data=card.parametrization.sigma_data)
-    from mode_ray.models.diffusers_adapter import DiffusersVPAdapter, alphas_cumprod_from_config
+    if card.backbone == "dit":
+        from mode_ray.models.dit import build_dit
 
-    try:
-        from diffusers import UNet2DModel
-    except ImportError:
-        raise CheckpointError(
-            f"expert {card.name!r} is a diffusers model: install the extra with `pip install mode-ray[diffusers]`"
-        ) from None
-    p = card.parametrization
-    assert p.scheduler_config is not None and p.prediction_type is not None  # checked by the card
-    unet = UNet2DModel.from_config(card.backbone_config)
-    return DiffusersVPAdapter(unet, alphas_cumprod_from_config(p.scheduler_config), p.prediction_type)
+        return build_dit(card)
+    from mode_ray.models.diffusers_adapter import build_diffusers
+
+    return build_diffusers(card)
 
 
 def save_artifact(

@@ -58,3 +58,35 @@ def one_hot(labels: torch.Tensor, dim: int) -> torch.Tensor:
     keep = labels >= 0
     out[keep, labels[keep]] = 1.0
     return out
+
+
+# ---- text conditions, packed into one tensor --------------------------------------------------------------
+# A text condition travels through the mixture as ONE tensor per row batch: (B, 1 + L, D), row 0 the pooled
+# sentence embedding (what gates and pooled-only experts read), rows 1..L the token embeddings (what
+# cross-attention experts read), zero vectors past the prompt's last token. One tensor keeps every step of the
+# mixture unchanged (row slicing, stacking requests, guidance's null copy `zeros_like`), and the all-zeros
+# condition stays the null condition. A pooled-only condition is the plain (B, D).
+
+
+def pack(pooled_emb: torch.Tensor, token_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """pooled_emb: (B, D), token_emb: (B, L, D), mask: (B, L) bool -> cond (B, 1 + L, D), tokens past the
+    mask zeroed."""
+    tokens_kept = token_emb * mask[..., None].to(token_emb.dtype)
+    return torch.cat([pooled_emb[:, None], tokens_kept], dim=1)
+
+
+def pooled(cond: torch.Tensor) -> torch.Tensor:
+    """(B, D) of a pooled (B, D) or packed (B, 1 + L, D) condition."""
+    return cond[:, 0] if cond.dim() == 3 else cond
+
+
+def tokens(cond: torch.Tensor) -> torch.Tensor | None:
+    """(B, L, D) token embeddings of a packed condition; None for a pooled one."""
+    return cond[:, 1:] if cond.dim() == 3 else None
+
+
+def token_mask(cond: torch.Tensor) -> torch.Tensor | None:
+    """(B, L) bool: True where a packed condition has a token (a non-zero embedding); None for a pooled one.
+    A null row (all zeros) has no tokens."""
+    t = tokens(cond)
+    return None if t is None else t.ne(0).any(dim=-1)

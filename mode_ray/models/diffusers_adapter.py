@@ -7,10 +7,13 @@ network's output is turned into x0_hat. The router only ever sees x0_hat.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from mode_ray.models.card import ExpertCard
 
 
 def alphas_cumprod_from_config(scheduler_config: dict[str, Any]) -> torch.Tensor:
@@ -69,3 +72,21 @@ class DiffusersVPAdapter(nn.Module):
         if self.prediction_type == "v_prediction":
             return alpha_bar.sqrt() * x_vp - (1 - alpha_bar).sqrt() * out
         return out
+
+
+def build_diffusers(card: ExpertCard) -> nn.Module:
+    """The untrained adapter of a diffusers-backed expert card (needs the `diffusers` extra)."""
+    from mode_ray.models.checkpoint import CheckpointError
+
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        raise CheckpointError(
+            f"expert {card.name!r} is a diffusers model: install the extra with `pip install mode-ray[diffusers]`"
+        ) from None
+    if card.backbone != "diffusers_unet2d":
+        raise CheckpointError(f"expert {card.name!r}: backbone {card.backbone!r} is not supported yet")
+    p = card.parametrization
+    assert p.scheduler_config is not None and p.prediction_type is not None  # checked by the card
+    unet = UNet2DModel.from_config(card.backbone_config)
+    return DiffusersVPAdapter(unet, alphas_cumprod_from_config(p.scheduler_config), p.prediction_type)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mode_ray.models.conditions import pooled
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -122,7 +124,9 @@ class Attention(nn.Module):
 
 
 class UNet(nn.Module):
-    """F(x, c_noise, cond): x (B, C, H, W), c_noise (B,), cond (B, D) or None -> (B, C, H, W).
+    """F(x, c_noise, cond): x (B, C, H, W), c_noise (B,), cond (B, D), (B, 1 + L, D) or None -> (B, C, H, W).
+
+    A packed text condition conditions through its pooled row only (the UNet has no cross-attention).
 
     H and W must divide by 2 ** (levels - 1) after padding; 28x28 inputs are padded to 32x32 inside.
     """
@@ -172,7 +176,7 @@ class UNet(nn.Module):
         x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))  # (B, C, H', W')
         emb = self.noise_emb(c_noise)  # (B, E)
         if self.cond_emb is not None and cond is not None:
-            emb = emb + self.cond_emb(cond.to(emb.dtype))
+            emb = emb + self.cond_emb(pooled(cond).to(emb.dtype))
         h = self.stem(x)
         skips = [h]
         for layer in self.down:

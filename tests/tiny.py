@@ -46,3 +46,58 @@ def build_tiny_mixture(model: Path) -> Path:
     )
     (model / "mixture.json").write_text(config.model_dump_json(indent=2))
     return model
+
+
+TEXT_TOKENS = 4  # L of the tiny text mixture (short prompts; the shipped encoder pads or cuts to L)
+
+
+def build_tiny_text_mixture(model: Path, backbones: tuple[str, ...] = ("unet", "unet")) -> Path:
+    """A free-text mixture of len(backbones) tiny experts (xs presets, weights perturbed), expert i holding
+    the digits i, i + len, ...: its prototype is the mean pooled embedding of their captions. Gates:
+    prototype + noise; top-2, heun 3 steps, guidance 2. Experts of a cross-attention backbone read tokens."""
+    from mode_ray.models.card import Condition
+    from mode_ray.models.checkpoint import build_denoiser
+    from mode_ray.models.conditions import DIGIT_NAMES, pooled
+    from mode_ray.models.text import shared_encoder
+
+    encoder = shared_encoder(TEXT_TOKENS)
+    condition = Condition(type="text", dim=encoder.dim, tokens=TEXT_TOKENS, encoder=encoder.name)
+    names = []
+    for i, backbone in enumerate(backbones):
+        digits = list(range(i, 10, len(backbones)))
+        proto = pooled(encoder.encode([f"a handwritten {DIGIT_NAMES[d]}" for d in digits])).mean(0)
+        if backbone == "unet":
+            config = {**XS.to_dict(), "cond_dim": encoder.dim}
+        else:
+            from mode_ray.models.dit import DIT_PRESETS
+
+            config = {**DIT_PRESETS["xs"].to_dict(), "cond_dim": encoder.dim, "cross_attention": True}
+        card = ExpertCard(
+            name=f"t{i}",
+            backbone=backbone,
+            backbone_config=config,
+            latent_shape=(1, 28, 28),
+            condition=condition,
+            prototype=proto.tolist(),
+            guidance_dropout=0.1,
+        )
+        torch.manual_seed(100 + i)
+        net = build_denoiser(card)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        save_expert(model / "experts" / card.name, card, net)
+        names.append(card.name)
+    config = MixtureConfig(
+        name="tiny-text",
+        experts=names,
+        gate=GateSpec(prototype_tau=0.1, noise=True, learned=None),
+        top_k=2,
+        sampler="heun",
+        steps=3,
+        guidance_scale=2.0,
+        condition="text",
+        text_tokens=TEXT_TOKENS,
+    )
+    (model / "mixture.json").write_text(config.model_dump_json(indent=2))
+    return model

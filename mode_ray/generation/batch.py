@@ -25,7 +25,8 @@ from mode_ray.routing.topk import PAD, Routing, drop_slots, route
 
 
 def stack_cond(conds: Sequence[torch.Tensor | None], rows: Sequence[int]) -> torch.Tensor | None:
-    """Stack per-request conditions (each (R_i, D) or None) into (sum R_i, D), or None when all are None.
+    """Stack per-request conditions (each (R_i, D) or packed (R_i, 1 + L, D), or None) into (sum R_i, ...),
+    or None when all are None.
 
     The null condition is the all-zeros row (what experts see under condition dropout, and what the gates
     treat as no condition), so a request without one stacks as zeros and its rows compute exactly as alone.
@@ -33,8 +34,8 @@ def stack_cond(conds: Sequence[torch.Tensor | None], rows: Sequence[int]) -> tor
     present = [c for c in conds if c is not None]
     if not present:
         return None
-    dim, device = present[0].shape[1], present[0].device
-    zeros = [torch.zeros(r, dim, device=device) for r in rows]
+    shape, device = present[0].shape[1:], present[0].device
+    zeros = [torch.zeros(r, *shape, device=device) for r in rows]
     return torch.cat([c if c is not None else z for c, z in zip(conds, zeros, strict=True)])
 
 

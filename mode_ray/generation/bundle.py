@@ -62,10 +62,15 @@ class MixtureConfig(BaseModel):
     guidance_scale: float = Field(2.0, ge=0, le=50)  # experts train with condition dropout
     sigma_min: float = Field(0.002, gt=0)
     sigma_max: float = Field(80.0, gt=0)
-    condition: Literal["class_label", "none"] = Field(
-        "class_label", description="class_label: prompts are class names or indices; none: unconditional"
+    condition: Literal["class_label", "text", "none"] = Field(
+        "class_label",
+        description="class_label: prompts are class names or indices; text: free text through the sentence "
+        "encoder (the `text` extra); none: unconditional",
     )
     class_names: list[str] = Field(default_factory=lambda: list(ClassLabelEncoder().names))
+    text_tokens: int = Field(
+        0, ge=0, le=512, description="text only: token embeddings per prompt (L) beside the pooled one"
+    )
     notes: dict = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -151,7 +156,14 @@ def load_config(path: str | Path) -> MixtureConfig:
 
 
 def check_condition(config: MixtureConfig, card: ExpertCard) -> None:
-    """The mixture's condition must be the experts' (type and class count)."""
+    """The mixture's condition must be the experts' (type and class count; for text, tokens per prompt)."""
+    if config.condition == "text":
+        if card.condition.type != "text" or card.condition.tokens != config.text_tokens:
+            raise CheckpointError(
+                f"expert {card.name!r}: condition {card.condition.type!r} with {card.condition.tokens} tokens "
+                f"does not match mixture.json condition 'text' with text_tokens {config.text_tokens}"
+            )
+        return
     expected = 0 if config.condition == "none" else len(config.class_names)
     if card.condition.type != config.condition or (
         config.condition != "none" and card.condition.dim != expected

@@ -24,7 +24,9 @@ class GenerateParams(BaseModel):
     """One generation request. Unset fields take the mixture's defaults (`mixture.json`)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
-    prompt: str | int | None = Field(None, description="class name or index, e.g. 7, 'seven', 'digit 7'")
+    prompt: str | int | None = Field(
+        None, description="class name or index, e.g. 7, 'seven', 'digit 7'; free text for a text mixture"
+    )
     class_label: int | None = Field(None, alias="class", ge=0, description="class index (instead of prompt)")
     num_images: int = Field(DEFAULT_NUM_IMAGES, ge=1, le=MAX_NUM_IMAGES)
     steps: int | None = Field(None, ge=1, le=1000)
@@ -55,7 +57,8 @@ class GenerateParams(BaseModel):
 
 @dataclass(frozen=True)
 class ResolvedRequest:
-    """A request with the mixture's defaults applied and its prompt encoded. cond: (N, D) or None."""
+    """A request with the mixture's defaults applied and its prompt encoded. cond: (N, D), packed text
+    (N, 1 + L, D), or None."""
 
     num_images: int
     steps: int
@@ -75,6 +78,8 @@ def resolve(params: GenerateParams, config: MixtureConfig) -> ResolvedRequest:
     """Apply defaults; a ValueError naming the field for a prompt the mixture's encoder does not know."""
     if params.prompt is not None and params.class_label is not None:
         raise ValueError("give either prompt or class, not both")
+    if config.condition == "text":
+        return _resolved(params, config, None, _text_cond(params, config))
     encoder = encoder_for(config)
     label = None
     if (params.prompt is not None or params.class_label is not None) and encoder is None:
@@ -92,6 +97,24 @@ def resolve(params: GenerateParams, config: MixtureConfig) -> ResolvedRequest:
         except ValueError as e:
             raise ValueError(f"prompt: {e}") from None
     cond = None if label is None or encoder is None else encoder.encode([label] * params.num_images)
+    return _resolved(params, config, label, cond)
+
+
+def _text_cond(params: GenerateParams, config: MixtureConfig) -> torch.Tensor | None:
+    """The packed text condition (N, 1 + L, D) of a text mixture's prompt, encoded once per request."""
+    if params.class_label is not None:
+        raise ValueError(f"class: mixture {config.name!r} takes free-text prompts; give `prompt` instead")
+    if params.prompt is None:
+        return None
+    from mode_ray.models.text import shared_encoder
+
+    cond = shared_encoder(config.text_tokens).encode([str(params.prompt)])  # (1, 1 + L, D)
+    return cond.expand(params.num_images, *cond.shape[1:]).contiguous()
+
+
+def _resolved(
+    params: GenerateParams, config: MixtureConfig, label: int | None, cond: torch.Tensor | None
+) -> ResolvedRequest:
     return ResolvedRequest(
         num_images=params.num_images,
         steps=params.steps or config.steps,

@@ -10,12 +10,16 @@ from mode_ray.models.checkpoint import (
     save_expert,
 )
 from mode_ray.models.conditions import ClassLabelEncoder
+from mode_ray.models.dit import DIT_PRESETS, DiT, DiTConfig
 from mode_ray.models.unet import UNET_PRESETS, UNet, UNetConfig
 
 __all__ = [
+    "DIT_PRESETS",
     "UNET_PRESETS",
     "CheckpointError",
     "ClassLabelEncoder",
+    "DiT",
+    "DiTConfig",
     "Expert",
     "ExpertCard",
     "UNet",

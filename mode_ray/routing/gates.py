@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mode_ray.models.card import ExpertCard
+from mode_ray.models.conditions import pooled
 
 
 class Gate(nn.Module):
@@ -28,7 +29,8 @@ class Gate(nn.Module):
 
 
 class PrototypeGate(Gate):
-    """logit_k = cos(cond, mu_k) / tau; 0 for a null condition or an expert without a prototype."""
+    """logit_k = cos(cond, mu_k) / tau; 0 for a null condition or an expert without a prototype. A packed
+    text condition is scored by its pooled row."""
 
     def __init__(self, tau: float = 0.1) -> None:
         super().__init__()
@@ -40,6 +42,7 @@ class PrototypeGate(Gate):
         logits = x.new_zeros(x.shape[0], len(experts))
         if cond is None:
             return logits
+        cond = pooled(cond)  # (B, D)
         has = [k for k, card in enumerate(experts) if card.prototype is not None]
         if has:  # one (B, D) x (D, K) product for all experts: this runs on every tick
             mu = torch.tensor([experts[k].prototype for k in has], dtype=cond.dtype, device=cond.device)
@@ -109,7 +112,7 @@ class LearnedGateNet(nn.Module):
         h = self.features(x * c_in[..., None, None])  # (B, 2w)
         h = h + self.noise(torch.cat([s.log() / 4, c_in], dim=1))
         if self.cond is not None and cond is not None:
-            h = h + self.cond(cond.to(h.dtype))
+            h = h + self.cond(pooled(cond).to(h.dtype))
         return self.head(h).log_softmax(dim=1)  # (B, N_trained)
 
 
@@ -120,7 +123,7 @@ def is_null(cond: torch.Tensor | None, batch: int, device: torch.device) -> torc
     """(B,) bool: rows whose condition is the null condition (cond None, or an all-zeros row)."""
     if cond is None:
         return torch.ones(batch, dtype=torch.bool, device=device)
-    return ~cond.ne(0).any(dim=1)
+    return ~cond.flatten(1).ne(0).any(dim=1)
 
 
 class LearnedGate(Gate):

@@ -8,7 +8,11 @@ The model contract of `ModelInfer` (the names the router sends):
 
 * `x`      FP32 or FP16 `[B, C, H, W]` with `(C, H, W) == card.latent_shape`
 * `sigma`  FP32 `[B]`, every value finite and > 0
-* `cond`   FP32 `[B, D]`, optional, `D == card.condition.dim` (only when D > 0)
+* `cond`   FP32 `[B, D]`, optional, `D == card.condition.dim` (only when D > 0): the pooled condition
+* `cond_tokens` FP32 `[B, L, D]`, optional, only for a text condition with `L == card.condition.tokens > 0`:
+  the prompt's token embeddings, zero vectors past its last token (the mask is where a row is non-zero).
+  Given without `cond`, or left out (external clients that know only the pooled condition), the missing part
+  is zeros; the expert sees the packed `(B, 1 + L, D)` condition of mode_ray.models.conditions.
 * output `x0_hat` `[B, C, H, W]` with the datatype of `x` (always computed in float32)
 
 A wrong model name or version gives NOT_FOUND; a malformed request gives INVALID_ARGUMENT whose details
@@ -50,7 +54,7 @@ __all__ = ["ExpertCallError", "ExpertServer"]
 logger = logging.getLogger("ray.serve")
 
 SERVER_NAME = "mode_ray-expert"
-INPUT_X, INPUT_SIGMA, INPUT_COND, OUTPUT = "x", "sigma", "cond", "x0_hat"
+INPUT_X, INPUT_SIGMA, INPUT_COND, INPUT_COND_TOKENS, OUTPUT = "x", "sigma", "cond", "cond_tokens", "x0_hat"
 
 
 def _package_version() -> str:
@@ -66,7 +70,7 @@ class _Call:
 
     x: np.ndarray  # (B, C, H, W) float32
     sigma: np.ndarray  # (B,) float32
-    cond: np.ndarray | None  # (B, D) float32
+    cond: np.ndarray | None  # (B, D) or packed (B, 1 + L, D) float32
     arrived: float = field(default_factory=time.perf_counter)  # when it was validated (perf_counter)
 
     @property
@@ -158,6 +162,8 @@ class ExpertServer:
             expert = Expert(expert.card, EmulatedDenoiser(**self._emulate))
         self.card: ExpertCard = expert.card
         self._cond_dim = self.card.condition.dim
+        self._cond_shape = self.card.condition.shape  # (), (D,) or (1 + L, D)
+        self._tokens = self.card.condition.tokens
         self._latent_shape = tuple(self.card.latent_shape)
         # @serve.batch wrapped per instance (not on the class): the batch queue of a class-level decorator is
         # shared by every instance in the process, which would mix two experts' calls in local testing mode.
@@ -277,6 +283,10 @@ class ExpertServer:
         ]
         if self._cond_dim > 0:
             inputs.append(tensor(name=INPUT_COND, datatype="FP32", shape=[-1, self._cond_dim]))
+        if self._tokens > 0:
+            inputs.append(
+                tensor(name=INPUT_COND_TOKENS, datatype="FP32", shape=[-1, self._tokens, self._cond_dim])
+            )
         return pb.ModelMetadataResponse(
             name=self.name,
             versions=[self.card.version],
@@ -395,7 +405,9 @@ class ExpertServer:
         def bad(message: str) -> ExpertCallError:
             return ExpertCallError(message, grpc.StatusCode.INVALID_ARGUMENT)
 
-        allowed = (INPUT_X, INPUT_SIGMA, INPUT_COND) if self._cond_dim > 0 else (INPUT_X, INPUT_SIGMA)
+        allowed: tuple[str, ...] = (INPUT_X, INPUT_SIGMA)
+        if self._cond_dim > 0:
+            allowed += (INPUT_COND, INPUT_COND_TOKENS) if self._tokens > 0 else (INPUT_COND,)
         extra = [name for name in inputs if name not in allowed]
         if extra:
             raise bad(f"inputs: unexpected input {extra[0]!r}; expert {self.name!r} takes {list(allowed)}")
@@ -430,16 +442,18 @@ class ExpertServer:
             i = int(np.argmax(invalid))
             raise bad(f"inputs 'sigma': sigma[{i}] = {float(sigma[i])!r}; every sigma must be finite and > 0")
 
-        cond = inputs.get(INPUT_COND)
-        if cond is not None:
-            if cond.dtype != np.float32:
-                raise bad(f"inputs 'cond': datatype {_oip_name(cond)}, expected FP32")
-            if cond.shape != (rows, self._cond_dim):
-                raise bad(f"inputs 'cond': shape {list(cond.shape)}, expected [{rows}, {self._cond_dim}]")
-            finite = np.isfinite(cond)
-            if not finite.all():
-                i, j = np.argwhere(~finite)[0]
-                raise bad(f"inputs 'cond': cond[{i}, {j}] = {float(cond[i, j])!r} is not finite")
+        cond = _check_cond(inputs.get(INPUT_COND), INPUT_COND, (rows, self._cond_dim), bad)
+        if self._tokens > 0:
+            token_emb = _check_cond(
+                inputs.get(INPUT_COND_TOKENS), INPUT_COND_TOKENS, (rows, self._tokens, self._cond_dim), bad
+            )
+            if cond is not None or token_emb is not None:  # pack (B, 1 + L, D); a missing part is zeros
+                packed = np.zeros((rows, *self._cond_shape), np.float32)
+                if cond is not None:
+                    packed[:, 0] = cond
+                if token_emb is not None:
+                    packed[:, 1:] = token_emb
+                cond = packed
         return _Call(x.astype(np.float32, copy=False), sigma, cond), x.dtype
 
     # ------------------------------------------------------------------------------------------------------
@@ -480,7 +494,7 @@ class ExpertServer:
             else:  # all-zero rows for cond-less calls: exactly cond=None for those rows (see module doc)
                 cond = np.concatenate(
                     [
-                        c.cond if c.cond is not None else np.zeros((c.rows, self._cond_dim), np.float32)
+                        c.cond if c.cond is not None else np.zeros((c.rows, *self._cond_shape), np.float32)
                         for c in calls
                     ]
                 )
@@ -494,6 +508,23 @@ class ExpertServer:
                     f"expert {self.name!r}: denoiser gave shape {list(out.shape)} for input {list(xt.shape)}"
                 )
             return out.to(device="cpu", dtype=torch.float32).numpy()
+
+
+def _check_cond(
+    value: np.ndarray | None, name: str, shape: tuple[int, ...], bad: Callable[[str], ExpertCallError]
+) -> np.ndarray | None:
+    """A condition input: FP32 of `shape` with every value finite; None when absent."""
+    if value is None:
+        return None
+    if value.dtype != np.float32:
+        raise bad(f"inputs {name!r}: datatype {_oip_name(value)}, expected FP32")
+    if value.shape != shape:
+        raise bad(f"inputs {name!r}: shape {list(value.shape)}, expected {list(shape)}")
+    finite = np.isfinite(value)
+    if not finite.all():
+        where = [int(i) for i in np.argwhere(~finite)[0]]
+        raise bad(f"inputs {name!r}: {name}{where} = {float(value[tuple(where)])!r} is not finite")
+    return value
 
 
 def _dims(shape: tuple[int, ...]) -> str:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mode_ray.generation import GenerateParams, GenerationResult, Progress, resolve
 from mode_ray.generation.bundle import GATE_CARD, build_gate, check_condition, check_gate, load_config
+from mode_ray.generation.params import ResolvedRequest
 from mode_ray.generation.result import TraceMode
 from mode_ray.models.card import ExpertCard
 from mode_ray.models.checkpoint import (
@@ -34,6 +35,7 @@ from mode_ray.models.checkpoint import (
     check_files,
     load_card,
 )
+from mode_ray.models.text import shared_encoder
 from mode_ray.routing.gates import Gate
 from mode_ray.serve.config import (
     AppArgs,
@@ -85,6 +87,8 @@ class Router:
             log.warning("corrupt registry set aside as %s; starting from the model", self.registry.set_aside)
         self._gate_path = self.registry.gate
         self.gate: Gate = await asyncio.to_thread(self._build_gate, self._gate_path)
+        if self.config.condition == "text":  # load the text encoder now: a missing extra fails the deploy
+            await asyncio.to_thread(shared_encoder, self.config.text_tokens)
         self._clients: dict[str, ExpertClient] = {}
         self._adding: dict[str, tuple[asyncio.Task, threading.Event]] = {}  # hot-adds in progress
         self._history: deque[dict] = deque()  # engine readings of the last ~5 s (`_rates`)
@@ -643,6 +647,14 @@ class Router:
         return {"gate": str(path), "registry_version": version}
 
     # ---- generation -----------------------------------------------------------------------------------
+    async def _resolve(self, params: dict) -> ResolvedRequest:
+        """The request resolved and its prompt encoded; a text prompt's encoder (a few ms of BERT) runs in a
+        worker thread, once per request, never on the event loop that ticks every request."""
+        validated = GenerateParams.model_validate(params)
+        if self.config.condition == "text":
+            return await asyncio.to_thread(resolve, validated, self.config)
+        return resolve(validated, self.config)
+
     async def generate(
         self,
         params: dict,
@@ -653,7 +665,7 @@ class Router:
         """The result with its trace as `trace` asks (`GenerationResult.with_trace`), cut here so that a long
         trace never crosses to the ingress in full."""
         await asyncio.shield(self._started)
-        req = resolve(GenerateParams.model_validate(params), self.config)
+        req = await self._resolve(params)
         result = await self.engine.generate(req, self.snapshot(), deadline_s, timing=timing)
         return result.with_trace(trace)
 
@@ -662,7 +674,7 @@ class Router:
     ) -> AsyncIterator[Progress | GenerationResult]:
         """Yields Progress after every evaluation of the slowest lane, then the GenerationResult."""
         await asyncio.shield(self._started)
-        req = resolve(GenerateParams.model_validate(params), self.config)
+        req = await self._resolve(params)
         queue: asyncio.Queue[Progress] = asyncio.Queue()
         task = asyncio.ensure_future(self.engine.generate(req, self.snapshot(), deadline_s, queue.put_nowait))
         try:
@@ -700,14 +712,19 @@ class Router:
 
 def _probe(card: ExpertCard) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
     """Canary inputs: seeded noise at sigma 0.01 / 1 / 80 (x: (3, C, H, W)), with no condition and with
-    one-hot ones ((3, D))."""
+    one-hot ones ((3, D); a text condition's token rows, if any, hold one-hot tokens too: (3, 1 + L, D))."""
     sigma = torch.tensor([0.01, 1.0, 80.0])
     x = (
         torch.randn(3, *card.latent_shape, generator=torch.Generator().manual_seed(0))
         * sigma[:, None, None, None]
     )
-    dim = card.condition.dim
-    return x, sigma, [None] if dim == 0 else [None, torch.eye(dim)[torch.arange(3) % dim]]
+    dim, shape = card.condition.dim, card.condition.shape
+    if dim == 0:
+        return x, sigma, [None]
+    cond = torch.eye(dim)[torch.arange(3) % dim]  # (3, D)
+    if len(shape) == 2:
+        cond = cond[:, None].expand(3, shape[0], dim).contiguous()  # (3, 1 + L, D)
+    return x, sigma, [None, cond]
 
 
 @torch.no_grad()

@@ -79,13 +79,21 @@ def channel(target: str) -> grpc.aio.Channel:
 
 
 def wire_inputs(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None, fp16: bool) -> dict:
-    """The model inputs as numpy: x FP32 (or FP16 on the wire), sigma and cond FP32."""
+    """The model inputs as numpy: x FP32 (or FP16 on the wire), sigma and cond FP32; a packed text condition
+    (R, 1 + L, D) goes as the pooled `cond` (R, D) and `cond_tokens` (R, L, D)."""
     inputs = {
         "x": x.detach().cpu().numpy().astype(np.float16 if fp16 else np.float32, copy=False),
         "sigma": sigma.detach().cpu().numpy().astype(np.float32, copy=False),
     }
     if cond is not None:
-        inputs["cond"] = cond.detach().cpu().numpy().astype(np.float32, copy=False)
+        c = cond.detach().cpu().numpy().astype(np.float32, copy=False)
+        if c.ndim == 3:
+            inputs["cond"], inputs["cond_tokens"] = (
+                np.ascontiguousarray(c[:, 0]),
+                np.ascontiguousarray(c[:, 1:]),
+            )
+        else:
+            inputs["cond"] = c
     return inputs
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,11 +70,35 @@ def denoising_loss_by_sigma(
     """Mean EDM-weighted loss of the routed mixture on n held-out images, per log-uniform sigma bucket."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(test), generator=g)[:n]
-    x0, cond = test.images[idx], one_hot(test.labels[idx], bundle.encoder.dim)
+    x0, cond = test.images[idx], _conditions(bundle, test.labels[idx])
     return {
         bucket: round(float(edm_loss(bundle.mixture, x0, sigma, cond, noise).mean()), 5)
         for bucket, sigma, noise in noise_by_bucket(x0, g)
     }
+
+
+def _conditions(bundle: MixtureBundle, labels: torch.Tensor) -> torch.Tensor:
+    """The condition of each label: one-hot, or for a text mixture its DEFAULT_TEMPLATE caption encoded."""
+    if bundle.config.condition != "text":
+        return one_hot(labels, bundle.encoder.dim)
+    from mode_ray.models.text import shared_encoder
+
+    return shared_encoder(bundle.config.text_tokens).encode([prompt_for(bundle, int(y)) for y in labels])
+
+
+def prompt_for(bundle: MixtureBundle, label: int, template: str | None = None) -> str | int:
+    """The prompt that asks `bundle` for class `label`: the index, or for a text mixture the caption of
+    `template` (default DEFAULT_TEMPLATE) with the neutral attributes."""
+    if bundle.config.condition != "text":
+        return label
+    from mode_ray.train.captions import DEFAULT_TEMPLATE, caption
+
+    return caption(template or DEFAULT_TEMPLATE, label)
+
+
+def num_classes(bundle: MixtureBundle) -> int:
+    """Classes the evaluation asks for: the class names of the mixture (the digits for a text one)."""
+    return len(bundle.config.class_names)
 
 
 @torch.no_grad()
@@ -90,18 +114,20 @@ def evaluate(
     seed: int = 0,
     batch: int = 100,
     min_weight: float | None = None,
+    template: str | None = None,
 ) -> tuple[EvalResult, torch.Tensor, torch.Tensor]:
-    """Returns the result, the generated images (N, C, H, W) in [0, 1] and their requested labels (N,)."""
-    if bundle.encoder is None:
-        raise ValueError(f"eval needs a class-conditional mixture; {bundle.config.name!r} is unconditional")
-    classes = bundle.encoder.dim
+    """Returns the result, the generated images (N, C, H, W) in [0, 1] and their requested labels (N,).
+    template: for a text mixture, the caption template of the prompts (mode_ray.train.captions)."""
+    if bundle.config.condition == "none":
+        raise ValueError(f"eval needs a conditional mixture; {bundle.config.name!r} is unconditional")
+    classes = num_classes(bundle)
     per_class = max(1, num_samples // classes)
     images, labels, seconds, expert_rows = [], [], 0.0, 0
     for c in range(classes):
         for start in range(0, per_class, batch):
             n = min(batch, per_class - start)
             params = GenerateParams(
-                prompt=c,
+                prompt=prompt_for(bundle, c, template),
                 num_images=n,
                 steps=steps,
                 sampler=sampler,
@@ -235,3 +261,42 @@ def write_report(out: Path, results: list[EvalResult], grids: dict[str, torch.Te
     (out / "results.md").write_text(markdown_table(results) + "\n" + notes)
     for name, grid in grids.items():
         save_grid(grid, out / f"samples-{name}.png", nrow=10)
+
+
+@torch.no_grad()
+def prompt_accuracy(
+    bundle: MixtureBundle,
+    classifier: Classifier,
+    templates: Sequence[str],
+    per_class: int = 10,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+) -> dict[str, dict[str, float]]:
+    """A text mixture's accuracy per caption template: `per_class` samples of every digit asked with the
+    template (neutral attributes), judged by the classifier. template -> {accuracy, low, high} (Wilson 95%)."""
+    out = {}
+    for t, template in enumerate(templates):
+        hits = total = 0
+        for c in range(num_classes(bundle)):
+            params = GenerateParams(
+                prompt=prompt_for(bundle, c, template),
+                num_images=per_class,
+                seed=seed * 7919 + c * 104729 + t * 15485863,
+                guidance_scale=guidance_scale,
+            )
+            images = generate_local(bundle.mixture, bundle.config, params).images
+            hits += int((classifier(images * 2 - 1).argmax(1) == c).sum())
+            total += per_class
+        low, high = wilson_interval(hits, total)
+        out[template] = {"accuracy": round(hits / total, 4), "low": round(low, 4), "high": round(high, 4)}
+    return out
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion hits / n (95% for z = 1.96)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

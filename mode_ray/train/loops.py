@@ -21,6 +21,7 @@ from mode_ray.generation.bundle import load_gate_net, save_gate
 from mode_ray.models.card import Condition, DataSummary, ExpertCard
 from mode_ray.models.checkpoint import load_card, save_expert
 from mode_ray.models.conditions import one_hot
+from mode_ray.models.dit import DIT_PRESETS, DiT
 from mode_ray.models.unet import UNET_PRESETS, UNet
 from mode_ray.routing.gates import LearnedGateConfig, LearnedGateNet
 from mode_ray.train.classifier import Classifier, save_classifier
@@ -40,6 +41,7 @@ class JobConfig:
     dataset: str = "mnist"
     partition: str = "all"
     shard: int = 0
+    backbone: str = "unet"  # expert / dense network: "unet" (UNET_PRESETS) or "dit" (DIT_PRESETS)
     preset: str = "s"
     steps: int = 2000
     batch_size: int = 64  # global: split over the workers
@@ -56,9 +58,11 @@ class JobConfig:
 
 
 def _flops_per_sample(model: torch.nn.Module, shape: tuple[int, ...], cond_dim: int) -> int:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    # the math attention kernel: the counter does not see the fused CPU one (a DiT's attention would be free)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         model(torch.zeros(1, *shape), torch.ones(1), torch.zeros(1, cond_dim) if cond_dim else None)
     return int(counter.get_total_flops())
 
@@ -177,11 +181,17 @@ def train_loop_per_worker(config: dict) -> None:
 def _build_model(cfg: JobConfig, dim: int, shape: tuple[int, ...]) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     if cfg.kind in ("expert", "dense"):
-        if cfg.preset not in UNET_PRESETS:
-            raise ValueError(f"preset must be one of {sorted(UNET_PRESETS)}, got {cfg.preset!r}")
-        unet_cfg = UNET_PRESETS[cfg.preset]
-        unet_cfg = type(unet_cfg)(**{**unet_cfg.to_dict(), "in_channels": shape[0], "cond_dim": dim})
-        return EDMPrecond(UNet(unet_cfg))
+        networks = {"unet": (UNET_PRESETS, UNet), "dit": (DIT_PRESETS, DiT)}
+        if cfg.backbone not in networks:
+            raise ValueError(f"backbone must be one of {sorted(networks)}, got {cfg.backbone!r}")
+        presets, network = networks[cfg.backbone]
+        if cfg.preset not in presets:
+            raise ValueError(f"preset must be one of {sorted(presets)} ({cfg.backbone}), got {cfg.preset!r}")
+        fitted = {"in_channels": shape[0], "cond_dim": dim}  # to the data
+        if cfg.backbone == "dit":
+            fitted["image_size"] = shape[1]
+        net_cfg = type(presets[cfg.preset])(**{**presets[cfg.preset].to_dict(), **fitted})
+        return EDMPrecond(network(net_cfg))
     if cfg.kind == "gate":
         if cfg.base_gate is not None:
             return extended_gate_net(load_gate_net(cfg.base_gate), tuple(cfg.gate_experts))
@@ -253,7 +263,7 @@ def _save(cfg: JobConfig, model, out: Path, data: Dataset, parts, summary: dict)
     net = model.net
     card = ExpertCard(
         name=cfg.name,
-        backbone="unet",
+        backbone=cfg.backbone,
         backbone_config=net.config.to_dict(),
         latent_shape=tuple(data.images.shape[1:]),
         condition=Condition(type="class_label", dim=dim, names=list(data.class_names)),
@@ -307,12 +317,13 @@ def fit(
 
 
 def steps_for_compute(
-    expert_dirs: list[Path], preset: str, batch_size: int, shape=(1, 28, 28), dim=10
+    expert_dirs: list[Path], preset: str, batch_size: int, shape=(1, 28, 28), dim=10, backbone: str = "unet"
 ) -> int:  # type: ignore[no-untyped-def]
-    """Training steps that give a `preset` model the same total training FLOPs as the given experts."""
+    """Training steps that give a `preset` model of `backbone` the same total training FLOPs as the given
+    experts."""
     total = sum(int(load_card(d).metrics.get("train_flops", 0)) for d in expert_dirs)
     if total <= 0:
         raise ValueError(f"no train_flops recorded in the cards of {[str(d) for d in expert_dirs]}")
-    cfg = JobConfig(kind="dense", name="probe", preset=preset)
+    cfg = JobConfig(kind="dense", name="probe", preset=preset, backbone=backbone)
     per_sample = 3 * _flops_per_sample(_build_model(cfg, dim, shape), shape, dim)
     return max(1, round(total / (per_sample * batch_size)))

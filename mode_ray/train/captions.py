@@ -63,9 +63,7 @@ def _terciles(v: torch.Tensor) -> torch.Tensor:
 
 
 def caption(template: str, label: int, thick: int = 1, slant: int = 1) -> str:
-    return template.format(
-        name=DIGIT_NAMES[label], digit=label, thick=THICKNESS[thick], slant=SLANT[slant]
-    )
+    return template.format(name=DIGIT_NAMES[label], digit=label, thick=THICKNESS[thick], slant=SLANT[slant])
 
 
 @dataclass(frozen=True)

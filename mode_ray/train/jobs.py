@@ -28,9 +28,11 @@ def train_experts(
     parallel: int,
     use_gpu: bool = False,
     only: list[int] | None = None,
+    backbones: list[str] | None = None,
 ) -> list[Path]:
     """One isolated TorchTrainer job per shard (`parallel` at a time); writes out/experts/<name> and
-    out/mixture.json (experts listed in shard order)."""
+    out/mixture.json (experts listed in shard order). backbones: one network for all shards, or one per
+    shard (a mixture of architectures); default base.backbone."""
     spec = PartitionSpec.parse(partition)
     if spec.kind == "all":
         raise ValueError(f"an expert partition must be 'labels:...' or 'kmeans:<k>', got {partition!r}")
@@ -41,10 +43,24 @@ def train_experts(
                 f"--shard must be in [0, {spec.num_shards - 1}] for partition {partition!r}, got {s}"
             )
     names = [spec.shard_name(i) for i in range(spec.num_shards)]
+    backbones = backbones or [base.backbone]
+    if len(backbones) not in (1, spec.num_shards):
+        raise ValueError(
+            f"--backbone: give one network or one per shard ({spec.num_shards} for {partition!r}), "
+            f"got {len(backbones)}: {','.join(backbones)}"
+        )
+    per_shard = backbones * spec.num_shards if len(backbones) == 1 else backbones
 
     def job(i: int) -> Path:
         cfg = JobConfig(
-            **{**base.__dict__, "kind": "expert", "name": names[i], "partition": partition, "shard": i}
+            **{
+                **base.__dict__,
+                "kind": "expert",
+                "name": names[i],
+                "partition": partition,
+                "shard": i,
+                "backbone": per_shard[i],
+            }
         )
         return fit(cfg, out / "experts" / names[i], workers, cpus_per_worker, use_gpu)
 
@@ -52,9 +68,16 @@ def train_experts(
         paths = list(pool.map(job, shards))
     mixture_file = out / "mixture.json"
     config = load_config(out) if mixture_file.exists() else MixtureConfig(name=out.name, experts=names)
-    config = config.model_copy(update={"experts": names})
+    config = config.model_copy(update={"experts": names, **_condition_fields(base)})
     mixture_file.write_text(config.model_dump_json(indent=2) + "\n")
     return paths
+
+
+def _condition_fields(cfg: JobConfig) -> dict:
+    """mixture.json's condition fields for experts trained with `cfg`."""
+    if cfg.condition == "text":
+        return {"condition": "text", "text_tokens": cfg.text_tokens}
+    return {"condition": cfg.condition}
 
 
 def gate_partition(cards: list[ExpertCard]) -> str:
@@ -76,6 +99,8 @@ def train_gate(
             "partition": gate_partition(cards),
             "gate_experts": list(config.experts),
             "cond_dropout": 0.5,
+            "condition": "class_label" if config.condition == "none" else config.condition,
+            "text_tokens": config.text_tokens,
         }
     )
     path = fit(cfg, mixture_dir / "gate", workers, cpus_per_worker, use_gpu)
@@ -124,6 +149,8 @@ def extend_gate(
             "gate_experts": [c.name for c in cards],
             "cond_dropout": 0.5,
             "base_gate": str(base_gate.resolve()),
+            "condition": "class_label" if config.condition == "none" else config.condition,
+            "text_tokens": config.text_tokens,
         }
     )
     path = fit(cfg, out, workers, cpus_per_worker, use_gpu)
@@ -162,6 +189,6 @@ def train_dense(
     cfg = JobConfig(**{**base.__dict__, "kind": "dense", "name": "dense", "partition": "all"})
     path = fit(cfg, out / "experts" / "dense", workers, cpus_per_worker, use_gpu)
     gate = GateSpec(prototype_tau=None, learned=None)
-    config = MixtureConfig(name=out.name, experts=["dense"], gate=gate, top_k=1)
+    config = MixtureConfig(name=out.name, experts=["dense"], gate=gate, top_k=1, **_condition_fields(base))
     (out / "mixture.json").write_text(config.model_dump_json(indent=2) + "\n")
     return path

@@ -18,13 +18,13 @@ import torch.nn.functional as F
 
 from mode_ray.diffusion import EDMPrecond, edm_loss, sample_training_sigmas
 from mode_ray.generation.bundle import load_gate_net, save_gate
-from mode_ray.models.card import Condition, DataSummary, ExpertCard
+from mode_ray.models.card import DataSummary, ExpertCard
 from mode_ray.models.checkpoint import load_card, save_expert
-from mode_ray.models.conditions import one_hot
 from mode_ray.models.dit import DIT_PRESETS, DiT
 from mode_ray.models.unet import UNET_PRESETS, UNet
 from mode_ray.routing.gates import LearnedGateConfig, LearnedGateNet
 from mode_ray.train.classifier import Classifier, save_classifier
+from mode_ray.train.conditioning import Conditioner
 from mode_ray.train.data import Dataset, load_dataset
 from mode_ray.train.partitions import PartitionSpec, partition
 from mode_ray.train.progress import report
@@ -55,15 +55,18 @@ class JobConfig:
     gate_experts: list[str] = field(default_factory=list)  # gate: output rows, one per shard of `partition`
     base_gate: str | None = None  # gate: extend this gate directory (its rows frozen) with the new rows
     progress: str | None = None  # the ProgressBoard actor to report to (mode_ray.train.progress), if any
+    condition: str = "class_label"  # or "text": captions of the labels through the text encoder
+    text_tokens: int = 16  # text: token embeddings per caption (L) beside the pooled one
 
 
-def _flops_per_sample(model: torch.nn.Module, shape: tuple[int, ...], cond_dim: int) -> int:
+def _flops_per_sample(model: torch.nn.Module, shape: tuple[int, ...], cond_shape: tuple[int, ...]) -> int:
+    """Forward FLOPs of one sample with a condition of `cond_shape` ((D,), (1 + L, D), or () for none)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     # the math attention kernel: the counter does not see the fused CPU one (a DiT's attention would be free)
     with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        model(torch.zeros(1, *shape), torch.ones(1), torch.zeros(1, cond_dim) if cond_dim else None)
+        model(torch.zeros(1, *shape), torch.ones(1), torch.zeros(1, *cond_shape) if cond_shape else None)
     return int(counter.get_total_flops())
 
 
@@ -97,9 +100,12 @@ def train_loop_per_worker(config: dict) -> None:
         targets = data.labels[index]
     images = data.images[index]
     labels = data.labels[index]
-    dim = len(data.class_names)
+    kind = "class_label" if cfg.kind == "classifier" else cfg.condition
+    conditioner = Conditioner.build(kind, data.class_names, images, labels, cfg.text_tokens)
+    dim = conditioner.dim
     model = _build_model(cfg, dim, tuple(images.shape[1:]))
-    flops = _flops_per_sample(model, tuple(images.shape[1:]), dim) if cfg.kind in ("expert", "dense") else 0
+    denoiser = cfg.kind in ("expert", "dense")
+    flops = _flops_per_sample(model, tuple(images.shape[1:]), conditioner.shape) if denoiser else 0
     ema = copy.deepcopy(model).requires_grad_(False)
     model = ray.train.torch.prepare_model(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -112,7 +118,11 @@ def train_loop_per_worker(config: dict) -> None:
             group["lr"] = _lr(cfg, step)
         idx = torch.randint(len(images), (local_batch,), generator=g)
         x0, y, t = images[idx].to(device), labels[idx], targets[idx].to(device)
-        loss = _loss(cfg, model, x0, y, t, dim, g, device)
+        cond = None
+        if cfg.kind != "classifier":
+            drop = torch.rand(local_batch, generator=g) < cfg.cond_dropout
+            cond = conditioner.draw(idx, y, drop, g).to(device)
+        loss = _loss(cfg, model, x0, cond, t, g, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -172,7 +182,7 @@ def train_loop_per_worker(config: dict) -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
-            _save(cfg, ema.cpu(), Path(tmp), data, parts, summary)
+            _save(cfg, ema.cpu(), Path(tmp), data, parts, summary, conditioner)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
@@ -190,6 +200,7 @@ def _build_model(cfg: JobConfig, dim: int, shape: tuple[int, ...]) -> torch.nn.M
         fitted = {"in_channels": shape[0], "cond_dim": dim}  # to the data
         if cfg.backbone == "dit":
             fitted["image_size"] = shape[1]
+            fitted["cross_attention"] = cfg.condition == "text" and cfg.text_tokens > 0  # reads the tokens
         net_cfg = type(presets[cfg.preset])(**{**presets[cfg.preset].to_dict(), **fitted})
         return EDMPrecond(network(net_cfg))
     if cfg.kind == "gate":
@@ -228,13 +239,12 @@ def extended_gate_net(base: LearnedGateNet, experts: tuple[str, ...]) -> Learned
     return net
 
 
-def _loss(cfg, model, x0, y, t, dim, g, device) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _loss(cfg, model, x0, cond, t, g, device) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """x0: (B, C, H, W); cond: (B, ...) with condition dropout applied (None for the classifier)."""
     b = x0.shape[0]
     if cfg.kind == "classifier":
         shift = torch.randint(-2, 3, (2,), generator=g).tolist()  # small translations
         return F.cross_entropy(model(torch.roll(x0, shifts=shift, dims=(2, 3))), t)
-    drop = torch.rand(b, generator=g) < cfg.cond_dropout
-    cond = one_hot(torch.where(drop, -1, y), dim).to(device)
     if cfg.kind == "gate":
         # the gate is queried over the whole sampling range, so train it log-uniformly over [0.002, 80]
         sigma = torch.exp(torch.empty(b).uniform_(math.log(0.002), math.log(80), generator=g)).to(device)
@@ -244,7 +254,9 @@ def _loss(cfg, model, x0, y, t, dim, g, device) -> torch.Tensor:  # type: ignore
     return edm_loss(model, x0, sigma, cond, torch.randn(x0.shape, generator=g).to(device)).mean()
 
 
-def _save(cfg: JobConfig, model, out: Path, data: Dataset, parts, summary: dict) -> None:  # type: ignore[no-untyped-def]
+def _save(
+    cfg: JobConfig, model, out: Path, data: Dataset, parts, summary: dict, conditioner: Conditioner
+) -> None:  # type: ignore[no-untyped-def]
     model = model.eval()  # dropout off, BatchNorm on running statistics for the metrics below
     dim = len(data.class_names)
     if cfg.kind == "gate":
@@ -259,14 +271,14 @@ def _save(cfg: JobConfig, model, out: Path, data: Dataset, parts, summary: dict)
     index = parts[cfg.shard] if cfg.kind == "expert" else torch.cat(parts)
     labels = data.labels[index]
     counts = torch.bincount(labels[labels >= 0], minlength=dim)
-    prototype = (counts.float() / counts.sum().clamp(min=1)).tolist()
+    prototype = conditioner.prototype(torch.arange(len(index)), labels)  # the job's examples are `index`
     net = model.net
     card = ExpertCard(
         name=cfg.name,
         backbone=cfg.backbone,
         backbone_config=net.config.to_dict(),
         latent_shape=tuple(data.images.shape[1:]),
-        condition=Condition(type="class_label", dim=dim, names=list(data.class_names)),
+        condition=conditioner.condition(),
         prototype=prototype,
         guidance_dropout=cfg.cond_dropout,
         data=DataSummary(
@@ -316,14 +328,21 @@ def fit(
     return out
 
 
-def steps_for_compute(
-    expert_dirs: list[Path], preset: str, batch_size: int, shape=(1, 28, 28), dim=10, backbone: str = "unet"
-) -> int:  # type: ignore[no-untyped-def]
+def steps_for_compute(expert_dirs: list[Path], preset: str, batch_size: int, backbone: str = "unet") -> int:
     """Training steps that give a `preset` model of `backbone` the same total training FLOPs as the given
-    experts."""
-    total = sum(int(load_card(d).metrics.get("train_flops", 0)) for d in expert_dirs)
+    experts (on their data shape and condition, read from their cards)."""
+    cards = [load_card(d) for d in expert_dirs]
+    total = sum(int(c.metrics.get("train_flops", 0)) for c in cards)
     if total <= 0:
         raise ValueError(f"no train_flops recorded in the cards of {[str(d) for d in expert_dirs]}")
-    cfg = JobConfig(kind="dense", name="probe", preset=preset, backbone=backbone)
-    per_sample = 3 * _flops_per_sample(_build_model(cfg, dim, shape), shape, dim)
+    shape, condition = tuple(cards[0].latent_shape), cards[0].condition
+    cfg = JobConfig(
+        kind="dense",
+        name="probe",
+        preset=preset,
+        backbone=backbone,
+        condition=condition.type,
+        text_tokens=condition.tokens,
+    )
+    per_sample = 3 * _flops_per_sample(_build_model(cfg, condition.dim, shape), shape, condition.shape)
     return max(1, round(total / (per_sample * batch_size)))

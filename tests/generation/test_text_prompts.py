@@ -30,7 +30,9 @@ def test_the_prototype_gate_routes_by_meaning(bundle) -> None:  # noqa: ANN001
     """t0 holds the even digits, t1 the odd ones (captions 'a handwritten <name>'): the gate's first choice
     for a prompt is the expert of its digit, at every step."""
     for prompt, expert in (("a handwritten four", "t0"), ("a handwritten nine", "t1")):
-        result = generate_local(bundle.mixture, bundle.config, GenerateParams(prompt=prompt, num_images=1, seed=1))
+        result = generate_local(
+            bundle.mixture, bundle.config, GenerateParams(prompt=prompt, num_images=1, seed=1)
+        )
         assert {step.experts[0][0] for step in result.trace} == {expert}
 
 

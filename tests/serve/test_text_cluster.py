@@ -52,7 +52,9 @@ def test_served_text_prompts_equal_the_in_process_mixture(cluster) -> None:  # n
         with ThreadPoolExecutor(len(requests)) as pool:  # concurrent: rows of all of them share expert calls
             responses = list(
                 pool.map(
-                    lambda b: httpx.post(f"{sc.http_url}/v1/generate", json={**b, "output": "json"}, timeout=120),
+                    lambda b: httpx.post(
+                        f"{sc.http_url}/v1/generate", json={**b, "output": "json"}, timeout=120
+                    ),
                     requests,
                 )
             )

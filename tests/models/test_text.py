@@ -21,7 +21,9 @@ def test_pooled_embedding_equals_sentence_transformers(encoder: TextEncoder) -> 
     from sentence_transformers import SentenceTransformer
 
     prompts = ["a handwritten seven", "the digit 3", "a thick, right-slanted 0 with a long tail"]
-    reference = SentenceTransformer(str(text.model_dir()), device="cpu").encode(prompts, convert_to_tensor=True)
+    reference = SentenceTransformer(str(text.model_dir()), device="cpu").encode(
+        prompts, convert_to_tensor=True
+    )
     ours = pooled(encoder.encode(prompts))
     assert ours.shape == (3, 384)
     assert (ours - reference.cpu()).abs().max() <= 1e-5

@@ -101,3 +101,44 @@ def build_tiny_text_mixture(model: Path, backbones: tuple[str, ...] = ("unet", "
     )
     (model / "mixture.json").write_text(config.model_dump_json(indent=2))
     return model
+
+
+def build_tiny_latent_mixture(model: Path) -> Path:
+    """A latent mixture: a tiny random diffusers AutoencoderKL (16x16x1 images <-> 8x8x4 latents, scaling
+    factor 0.5) saved as `decoder/`, and two xs-UNet experts a, b on the latents (prototype + noise gates,
+    top-2, heun 3 steps, guidance 2)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(7)
+    vae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=0.5,
+    )
+    vae.save_pretrained(model / "decoder", safe_serialization=True)
+    config = {**XS.to_dict(), "in_channels": 4}
+    for i, (name, digits) in enumerate((("a", [0, 1, 2, 3, 4]), ("b", [5, 6, 7, 8, 9]))):
+        torch.manual_seed(30 + i)
+        net = EDMPrecond(UNet(type(XS)(**config)))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        proto = [1.0 / len(digits) if d in digits else 0.0 for d in range(10)]
+        card = ExpertCard(name=name, backbone_config=config, latent_shape=(4, 8, 8), prototype=proto)
+        save_expert(model / "experts" / name, card, net)
+    mixture = MixtureConfig(
+        name="tiny-latent",
+        experts=["a", "b"],
+        gate=GateSpec(prototype_tau=0.5, learned=None),
+        steps=3,
+        decoder="decoder",
+    )
+    (model / "mixture.json").write_text(mixture.model_dump_json(indent=2))
+    return model

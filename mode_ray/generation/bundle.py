@@ -21,6 +21,7 @@ from mode_ray.diffusion.denoiser import check_sigma_range
 from mode_ray.models.card import ExpertCard, format_validation_error, read_json
 from mode_ray.models.checkpoint import CheckpointError, Expert, load_expert, load_state, save_artifact
 from mode_ray.models.conditions import ClassLabelEncoder
+from mode_ray.models.decoder import LatentDecoder, load_decoder
 from mode_ray.routing.gates import (
     Gate,
     LearnedGate,
@@ -70,6 +71,12 @@ class MixtureConfig(BaseModel):
     class_names: list[str] = Field(default_factory=lambda: list(ClassLabelEncoder().names))
     text_tokens: int = Field(
         0, ge=0, le=512, description="text only: token embeddings per prompt (L) beside the pooled one"
+    )
+    decoder: str | None = Field(
+        None,
+        max_length=200,
+        description="a latent mixture: directory (relative to the mixture) of its diffusers AutoencoderKL / "
+        "AutoencoderTiny; the experts work on latents and the decoder runs once per image at the end",
     )
     notes: dict = Field(default_factory=dict)
 
@@ -147,6 +154,20 @@ def check_gate(gate: Gate, cards: Sequence[ExpertCard]) -> None:
                 )
 
 
+def load_mixture_decoder(
+    path: Path, config: MixtureConfig, card: ExpertCard, device: str | torch.device = "cpu"
+) -> LatentDecoder:
+    """The decoder mixture.json names, checked against the experts' latent channels."""
+    assert config.decoder is not None
+    decoder = load_decoder(path / config.decoder, device)
+    if decoder.latent_channels != card.latent_shape[0]:
+        raise CheckpointError(
+            f"decoder: it decodes {decoder.latent_channels}-channel latents; the experts' latents have "
+            f"{card.latent_shape[0]} channels (latent_shape {list(card.latent_shape)})"
+        )
+    return decoder
+
+
 def load_config(path: str | Path) -> MixtureConfig:
     path = Path(path)
     try:
@@ -194,5 +215,6 @@ def load_bundle(
         check_condition(config, e.card)
     g = build_gate(config.gate, path, None if gate is None else Path(gate)).to(device)
     check_gate(g, [e.card for e in loaded])
-    mixture = Mixture(loaded, g, config.top_k, config.top_p, config.min_weight)
+    decoder = None if config.decoder is None else load_mixture_decoder(path, config, loaded[0].card, device)
+    mixture = Mixture(loaded, g, config.top_k, config.top_p, config.min_weight, decoder)
     return MixtureBundle(path, config, mixture)

@@ -23,4 +23,6 @@ def generate_local(mixture: Mixture, config: MixtureConfig, params: GeneratePara
         if plan.failed:
             raise ValueError(plan.failed[0])
         advance_batch([state], plan, mixture.outputs(plan))
-    return state.result()
+    if mixture.decoder is None:
+        return state.result()
+    return state.result(latent=True).decoded(mixture.decoder)

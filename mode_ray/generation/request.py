@@ -137,7 +137,9 @@ class RequestState:
         registry_version: int | None = None,
         seconds: float = 0.0,
         timing: list[dict] | None = None,
+        latent: bool = False,
     ) -> GenerationResult:
+        """latent: the mixture has a decoder; the result keeps x as `latents` (decode with `decoded`)."""
         labels = [-1 if self.req.label is None else self.req.label] * self.rows
         return GenerationResult(
             images=to_images(self.traj.x),
@@ -149,6 +151,7 @@ class RequestState:
             registry_version=registry_version,
             seconds=round(seconds, 4),
             timing=timing,
+            latents=self.traj.x.float().cpu() if latent else None,
         )
 
 

@@ -4,6 +4,7 @@ the ingress (HTTP JSON / PNG, gRPC) and the Python client (`mode_ray.client`), w
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -86,6 +87,13 @@ class GenerationResult:
     attempts: int = 1  # router replicas it ran on: > 1 when one died under it and it was run again
     cold_starts: dict[str, float] = field(default_factory=dict)  # expert -> seconds a call waited for its
     # replica to start (an expert scaled to zero, or one whose replicas were all lost)
+    latents: torch.Tensor | None = None  # a latent mixture's x0 (N, c, h, w), float32; `images` decode it
+
+    def decoded(self, decoder: Callable[[torch.Tensor], torch.Tensor]) -> GenerationResult:
+        """This result with `images` = the decoder's images of `latents` (in [-1, 1], mapped to [0, 1])."""
+        assert self.latents is not None, "only a latent mixture's result has latents to decode"
+        images = ((decoder(self.latents).float().clamp(-1, 1) + 1) / 2).cpu()
+        return replace(self, images=images)
 
     def with_trace(self, mode: TraceMode) -> GenerationResult:
         """This result with its trace as asked: "full", "summary" (`StepTrace.summary` per evaluation), "none",
@@ -144,6 +152,7 @@ class GenerationResult:
             "registry_version": self.registry_version,
             "seconds": self.seconds,
             **({} if self.timing is None else {"timing": self.timing}),
+            **({} if self.latents is None else _latents_json(self.latents)),
         }
 
     @classmethod
@@ -162,7 +171,20 @@ class GenerationResult:
             trace_mode=body.get("trace_mode", "full"),
             attempts=int(body.get("attempts", 1)),
             cold_starts={str(k): float(v) for k, v in body.get("cold_starts", {}).items()},
+            latents=_latents_of(body),
         )
+
+
+def _latents_json(latents: torch.Tensor) -> dict[str, Any]:
+    arr = np.ascontiguousarray(latents.numpy().astype("<f4"))
+    return {"latents": base64.b64encode(arr.tobytes()).decode(), "latent_shape": list(arr.shape)}
+
+
+def _latents_of(body: dict[str, Any]) -> torch.Tensor | None:
+    if "latents" not in body:
+        return None
+    raw = np.frombuffer(base64.b64decode(body["latents"]), dtype="<f4")
+    return torch.from_numpy(raw.reshape(body["latent_shape"]).copy())
 
 
 def merge_results(parts: list[GenerationResult]) -> GenerationResult:
@@ -192,4 +214,5 @@ def merge_results(parts: list[GenerationResult]) -> GenerationResult:
         registry_version=first.registry_version,
         seconds=first.seconds,
         timing=first.timing,
+        latents=None if first.latents is None else torch.cat([p.latents for p in parts]),  # type: ignore[misc]
     )

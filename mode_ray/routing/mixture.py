@@ -39,9 +39,13 @@ class Mixture(nn.Module):
         top_k: int = 2,
         top_p: float | None = None,
         min_weight: float | None = None,
+        decoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
         validate_experts(experts)
+        self.decoder = (
+            decoder  # a latent mixture's decoder (latents -> images), run once per image at the end
+        )
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         self.experts = list(experts)

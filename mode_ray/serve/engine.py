@@ -530,7 +530,8 @@ class StepEngine:
             self.metrics.requests.inc(tags={"outcome": "ok"})
             self.metrics.request_seconds.observe(seconds)
             version = a.snapshot.version
-            result = merge_results([s.result(a.id, version, seconds, a.timing) for s in a.lanes])
+            latent = self.config.decoder is not None  # decoded by the router, off the tick loop
+            result = merge_results([s.result(a.id, version, seconds, a.timing, latent) for s in a.lanes])
             a.future.set_result(replace(result, cold_starts=dict(a.cold_starts)))
 
     def _fail(self, a: _Active, error: Exception) -> None:

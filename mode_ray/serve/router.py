@@ -35,6 +35,7 @@ from mode_ray.models.checkpoint import (
     check_files,
     load_card,
 )
+from mode_ray.models.decoder import load_decoder
 from mode_ray.models.text import shared_encoder
 from mode_ray.routing.gates import Gate
 from mode_ray.serve.config import (
@@ -87,6 +88,11 @@ class Router:
             log.warning("corrupt registry set aside as %s; starting from the model", self.registry.set_aside)
         self._gate_path = self.registry.gate
         self.gate: Gate = await asyncio.to_thread(self._build_gate, self._gate_path)
+        self.decoder = (  # a latent mixture's decoder, run here once per image at the end
+            None
+            if self.config.decoder is None
+            else await asyncio.to_thread(load_decoder, self.args.model_dir / self.config.decoder)
+        )
         if self.config.condition == "text":  # load the text encoder now: a missing extra fails the deploy
             await asyncio.to_thread(shared_encoder, self.config.text_tokens)
         self._clients: dict[str, ExpertClient] = {}
@@ -647,6 +653,12 @@ class Router:
         return {"gate": str(path), "registry_version": version}
 
     # ---- generation -----------------------------------------------------------------------------------
+    async def _decoded(self, result: GenerationResult) -> GenerationResult:
+        """A latent mixture's result with its images decoded, once per image, in a worker thread."""
+        if self.decoder is None:
+            return result
+        return await asyncio.to_thread(result.decoded, self.decoder)
+
     async def _resolve(self, params: dict) -> ResolvedRequest:
         """The request resolved and its prompt encoded; a text prompt's encoder (a few ms of BERT) runs in a
         worker thread, once per request, never on the event loop that ticks every request."""
@@ -666,7 +678,9 @@ class Router:
         trace never crosses to the ingress in full."""
         await asyncio.shield(self._started)
         req = await self._resolve(params)
-        result = await self.engine.generate(req, self.snapshot(), deadline_s, timing=timing)
+        result = await self._decoded(
+            await self.engine.generate(req, self.snapshot(), deadline_s, timing=timing)
+        )
         return result.with_trace(trace)
 
     async def generate_stream(
@@ -685,7 +699,7 @@ class Router:
                     yield getter.result()
                 else:
                     getter.cancel()
-            yield task.result().with_trace(trace)
+            yield (await self._decoded(task.result())).with_trace(trace)
         finally:  # the caller left (a client hung up, the stream was cancelled): drop the request
             if not task.done():
                 task.cancel()

@@ -51,10 +51,48 @@ def build_tiny_mixture(model: Path) -> Path:
 TEXT_TOKENS = 4  # L of the tiny text mixture (short prompts; the shipped encoder pads or cuts to L)
 
 
+def import_tiny_diffusers_expert(model: Path, name: str, captions: list[str], seed: int) -> str:
+    """A random 28x28 diffusers UNet2DConditionModel (cross-attention on the 384-d token embeddings) saved as
+    a pipeline with its DDPM scheduler, imported by `import_diffusers` into model/experts/<name>."""
+    import json
+
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from mode_ray.models.importer import import_diffusers
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=28,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=4,
+        cross_attention_dim=384,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    src = model / "diffusers-src" / name
+    unet.save_pretrained(src / "unet")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_config(
+        src / "scheduler"
+    )
+    index = {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+    (src / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "DDPMScheduler"]}))
+    (src / "captions.txt").write_text("\n".join(captions) + "\n")
+    import_diffusers(src, model / "experts" / name, name, src / "captions.txt", tokens=TEXT_TOKENS)
+    return name
+
+
 def build_tiny_text_mixture(model: Path, backbones: tuple[str, ...] = ("unet", "unet")) -> Path:
     """A free-text mixture of len(backbones) tiny experts (xs presets, weights perturbed), expert i holding
     the digits i, i + len, ...: its prototype is the mean pooled embedding of their captions. Gates:
-    prototype + noise; top-2, heun 3 steps, guidance 2. Experts of a cross-attention backbone read tokens."""
+    prototype + noise; top-2, heun 3 steps, guidance 2. Backbones: "unet", "dit" (cross-attention on the
+    tokens) or "diffusers" (an imported UNet2DConditionModel)."""
     from mode_ray.models.card import Condition
     from mode_ray.models.checkpoint import build_denoiser
     from mode_ray.models.conditions import DIGIT_NAMES, pooled
@@ -65,7 +103,11 @@ def build_tiny_text_mixture(model: Path, backbones: tuple[str, ...] = ("unet", "
     names = []
     for i, backbone in enumerate(backbones):
         digits = list(range(i, 10, len(backbones)))
-        proto = pooled(encoder.encode([f"a handwritten {DIGIT_NAMES[d]}" for d in digits])).mean(0)
+        captions = [f"a handwritten {DIGIT_NAMES[d]}" for d in digits]
+        if backbone == "diffusers":  # a diffusers UNet2DConditionModel, imported as a user would
+            names.append(import_tiny_diffusers_expert(model, f"t{i}", captions, 200 + i))
+            continue
+        proto = pooled(encoder.encode(captions)).mean(0)
         if backbone == "unet":
             config = {**XS.to_dict(), "cond_dim": encoder.dim}
         else:

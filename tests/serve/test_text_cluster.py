@@ -1,5 +1,6 @@
 """A free-text mixture of different architectures served by the cluster (real Serve, real gRPC, loopback):
-a pooled-only UNet expert and a cross-attention DiT expert side by side. The router encodes each prompt once,
+a pooled-only UNet expert, a cross-attention DiT expert and an imported diffusers UNet2DConditionModel side
+by side. The router encodes each prompt once,
 the wire carries the pooled condition as `cond` and the token embeddings as `cond_tokens`, and the images equal
 the same mixture in process."""
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.serve
 
 @pytest.fixture(scope="module")
 def cluster(serve_cluster, tmp_path_factory):  # noqa: ANN001, ANN201
-    model = build_tiny_text_mixture(tmp_path_factory.mktemp("text-mixture"), ("unet", "dit"))
+    model = build_tiny_text_mixture(tmp_path_factory.mktemp("text-mixture"), ("unet", "dit", "diffusers"))
     with tiny_app(serve_cluster, model):
         yield serve_cluster, model
 
@@ -62,8 +63,10 @@ def test_served_text_prompts_equal_the_in_process_mixture(cluster) -> None:  # n
             assert response.status_code == 200, response.text
             expected = generate_local(bundle.mixture, bundle.config, GenerateParams(**body)).images
             assert (images_of(response) - expected).abs().max() <= 1e-5
-        routed = {name for step in responses[0].json()["trace"] for row in step["experts"] for name in row}
-        assert routed == {"t0", "t1"}  # top-2 of two experts: the UNet and the DiT both answered
+        routed = {
+            name for r in responses for step in r.json()["trace"] for row in step["experts"] for name in row
+        }
+        assert routed == {"t0", "t1", "t2"}  # the UNet, the DiT and the imported diffusers UNet all answered
     finally:
         torch.set_num_threads(threads)
     bad = httpx.post(f"{sc.http_url}/v1/generate", json={"class": 3}, timeout=30)

@@ -52,6 +52,13 @@ class GenerateParams(BaseModel):
             raise ValueError("prompt must not be blank; omit it for unconditional generation")
         if isinstance(v, str) and len(v) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters, got {len(v)}")
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate (JSON "\ud800"): not text any encoder can read
+                raise ValueError(
+                    f"prompt must be valid Unicode text; character {e.start} is a lone surrogate"
+                ) from None
         return v
 
 

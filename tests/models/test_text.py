@@ -72,3 +72,12 @@ def test_pack_round_trip() -> None:
     assert torch.equal(pooled(cond), p) and torch.equal(token_mask(cond), m)
     assert torch.equal(tokens(cond)[m], t[m]) and not tokens(cond)[~m].any()
     assert pooled(p) is p and tokens(p) is None and token_mask(p) is None
+
+
+def test_encode_one_remembers_recent_prompts(encoder: TextEncoder) -> None:
+    first = encoder.encode_one("a handwritten five")
+    assert torch.equal(first, encoder.encode(["a handwritten five"]))
+    first.zero_()  # the caller owns its copy: the remembered one is unchanged
+    again = encoder.encode_one("a handwritten five")
+    assert torch.equal(again, encoder.encode(["a handwritten five"])) and again.any()
+    assert "a handwritten five" in encoder._cache

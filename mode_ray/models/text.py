@@ -136,7 +136,6 @@ class TextEncoder(nn.Module):
             out[[i for i, _ in texts]] = pack(pooled_emb, token_emb, keep)
         return out if self.tokens else out[:, 0]
 
-
     def encode_one(self, prompt: str) -> torch.Tensor:
         """One prompt's condition (1, 1 + L, D), remembered for the CACHED_PROMPTS most recent prompts: a
         served model sees the same prompts again and again, and a repeat then costs no encoder pass."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mode_ray.models.conditions import DIGIT_NAMES
+from mode_ray.models.conditions import DIGIT_NAMES, pooled
 
 THICKNESS = ("thin", "regular", "thick")
 SLANT = ("left-slanted", "upright", "right-slanted")
@@ -99,7 +99,5 @@ class CaptionTable:
 
     def mean_pooled(self, labels: torch.Tensor, thick: torch.Tensor, slant: torch.Tensor) -> torch.Tensor:
         """(D,): the mean pooled embedding over every caption these examples can get (an expert's prototype)."""
-        from mode_ray.models.conditions import pooled
-
         rows = self.index[labels, :, thick, slant].flatten()  # (N * templates,)
         return pooled(self.conds)[rows].mean(dim=0)

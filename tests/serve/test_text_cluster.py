@@ -7,7 +7,6 @@ the same mixture in process."""
 from __future__ import annotations
 
 import asyncio
-import base64
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from mode_ray.generation import GenerateParams, generate_local, load_bundle
+from mode_ray.generation import GenerateParams, GenerationResult, generate_local, load_bundle
 from mode_ray.models.text import shared_encoder
 from mode_ray.proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from mode_ray.serve.oip import decode_infer_response, encode_infer_request
@@ -31,12 +30,6 @@ def cluster(serve_cluster, tmp_path_factory):  # noqa: ANN001, ANN201
     model = build_tiny_text_mixture(tmp_path_factory.mktemp("text-mixture"), ("unet", "dit", "diffusers"))
     with tiny_app(serve_cluster, model):
         yield serve_cluster, model
-
-
-def images_of(response: httpx.Response) -> torch.Tensor:
-    body = response.json()
-    arr = np.frombuffer(base64.b64decode(body["images"]), dtype="<f4").reshape(body["shape"])
-    return torch.from_numpy(arr.copy())
 
 
 def test_served_text_prompts_equal_the_in_process_mixture(cluster) -> None:  # noqa: ANN001
@@ -66,7 +59,7 @@ def test_served_text_prompts_equal_the_in_process_mixture(cluster) -> None:  # n
         for body, response in zip(requests, responses, strict=True):
             assert response.status_code == 200, response.text
             expected = generate_local(bundle.mixture, bundle.config, GenerateParams(**body)).images
-            assert (images_of(response) - expected).abs().max() <= 1e-5
+            assert (GenerationResult.from_json(response.json()).images - expected).abs().max() <= 1e-5
         routed = {
             name for r in responses for step in r.json()["trace"] for row in step["experts"] for name in row
         }

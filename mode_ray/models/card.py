@@ -39,7 +39,6 @@ class Parametrization(BaseModel):
 ConditionType = Literal["class_label", "text", "none"]
 Backbone = Literal["unet", "dit", "diffusers_unet2d", "diffusers_unet2d_condition", "diffusers_dit"]
 DIFFUSERS_BACKBONES = ("diffusers_unet2d", "diffusers_unet2d_condition", "diffusers_dit")
-TOKEN_BACKBONES = ("dit", "diffusers_unet2d_condition")  # the backbones that can read token embeddings
 
 
 class Condition(BaseModel):

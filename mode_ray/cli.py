@@ -847,6 +847,11 @@ def serve(
     fresh: Annotated[
         bool, typer.Option("--fresh", help="ignore the saved registry and start from --model")
     ] = False,
+    decoder_placement: Annotated[
+        Literal["deployment", "router"],
+        typer.Option(help="a latent mixture's decoder: its own Serve deployment, or in each router process"),
+    ] = "deployment",
+    decoder_gpus: Annotated[float, typer.Option(help="GPUs of the decoder deployment's replica")] = 0.0,
     address: Address = None,
     num_cpus: NumCpus = None,
 ) -> None:
@@ -870,6 +875,7 @@ def serve(
         warm_pool=warm_pool,
         expert={"num_cpus": expert_cpus, "num_gpus": expert_gpus, "max_replicas": max_replicas},
         router={"num_cpus": router_cpus, "num_replicas": router_replicas},
+        decoder={"placement": decoder_placement, "num_gpus": decoder_gpus, "num_cpus": router_cpus},
     )
     _ray(address, num_cpus)
     ray_serve.start(

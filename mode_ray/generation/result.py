@@ -92,8 +92,12 @@ class GenerationResult:
     def decoded(self, decoder: Callable[[torch.Tensor], torch.Tensor]) -> GenerationResult:
         """This result with `images` = the decoder's images of `latents` (in [-1, 1], mapped to [0, 1])."""
         assert self.latents is not None, "only a latent mixture's result has latents to decode"
-        images = ((decoder(self.latents).float().clamp(-1, 1) + 1) / 2).cpu()
-        return replace(self, images=images)
+        return self.with_decoded(decoder(self.latents))
+
+    def with_decoded(self, decoded: torch.Tensor) -> GenerationResult:
+        """This result with `images` = `decoded` (N, C, H, W), a decoder's output in about [-1, 1], mapped
+        to [0, 1]."""
+        return replace(self, images=((decoded.float().clamp(-1, 1) + 1) / 2).cpu())
 
     def with_trace(self, mode: TraceMode) -> GenerationResult:
         """This result with its trace as asked: "full", "summary" (`StepTrace.summary` per evaluation), "none",

@@ -1,6 +1,7 @@
 """Application builders. `build_app(args)` is the `import_path` of the Serve YAML (`mode_ray.serve.app:build_app`)
 and what `mode-ray serve` runs: the `mode-ray` application (ingress + router) at route prefix `/`. The
-router then deploys one `expert-<name>` application per registered expert."""
+router then deploys one `expert-<name>` application per registered expert. A latent mixture's decoder is a
+third deployment of the app (`Decoder`) unless `decoder.placement` is "router"."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 
+from mode_ray.generation.bundle import load_config
 from mode_ray.models.card import format_validation_error
 from mode_ray.serve.config import AppArgs
+from mode_ray.serve.decoder_server import DecoderServer
 from mode_ray.serve.ingress import Ingress
 from mode_ray.serve.router import Router
 
@@ -28,8 +31,17 @@ def validate_args(args: dict[str, Any] | AppArgs) -> AppArgs:
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
-    """Ingress (HTTP + gRPC) -> Router (step engine). Resources come from `args`, never from decorators."""
+    """Ingress (HTTP + gRPC) -> Router (step engine) [-> Decoder]. Resources come from `args`, never from
+    decorators."""
     a = validate_args(args or {})
+    decoder = load_config(a.model_dir).decoder
+    decoder_app = (
+        serve.deployment(DecoderServer)
+        .options(**a.decoder.deployment_options())
+        .bind(str(a.model_dir / decoder), a.decoder.device, a.decoder.max_batch_size, a.decoder.chunk_images)
+        if decoder is not None and a.decoder.placement == "deployment"
+        else None
+    )
     router = (
         serve.deployment(Router)
         .options(
@@ -47,7 +59,7 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
             max_queued_requests=a.router.max_active_requests + a.router.max_queued_requests,
             health_check_period_s=10,
         )
-        .bind(a.model_dump(mode="json"))
+        .bind(a.model_dump(mode="json"), decoder_app)
     )
     ingress = serve.deployment(Ingress).options(
         name="Ingress",

@@ -249,6 +249,36 @@ class RouterOptions(BaseModel):
     )
 
 
+class DecoderOptions(BaseModel):
+    """Where a latent mixture's decoder runs (ignored for a pixel-space mixture, which has none)."""
+
+    model_config = ConfigDict(extra="forbid")
+    placement: Literal["deployment", "router"] = Field(
+        "deployment",
+        description="'deployment': its own Serve deployment `Decoder` (on a GPU share when num_gpus > 0), "
+        "shared by every router replica, merging concurrent requests' latents; 'router': in each router "
+        "replica's process, in a worker thread (no extra replica)",
+    )
+    num_replicas: int = Field(1, ge=1, le=64)
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per decoder replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per decoder replica")
+    device: str | None = Field(
+        None,
+        pattern=r"^(cpu|cuda(:[0-9]{1,2})?)$",
+        description="'cpu', 'cuda' or 'cuda:N'; default: MODE_RAY_DEVICE, else cuda when the replica has a GPU",
+    )
+    max_batch_size: int = Field(8, ge=1, description="@serve.batch: concurrent requests decoded together")
+    chunk_images: int = Field(16, ge=1, description="images per decoder pass (a VAE's activations are large)")
+
+    def deployment_options(self) -> dict[str, Any]:
+        return {
+            "name": "Decoder",
+            "num_replicas": self.num_replicas,
+            "max_ongoing_requests": 4 * self.max_batch_size,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+        }
+
+
 class IngressOptions(BaseModel):
     """The HTTP + gRPC front deployment (stateless: scale it freely)."""
 
@@ -277,6 +307,7 @@ class AppArgs(BaseModel):
     )
     router: RouterOptions = Field(default_factory=RouterOptions)
     ingress: IngressOptions = Field(default_factory=IngressOptions)
+    decoder: DecoderOptions = Field(default_factory=DecoderOptions)
     restore: bool = Field(True, description="re-deploy the experts recorded in state_dir on start")
     warm_pool: int = Field(
         0,

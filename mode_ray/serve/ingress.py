@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any, Literal, get_args
 
 import grpc
+import numpy as np
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -350,6 +351,10 @@ class Ingress:
             arr = r.raw()
             response.images = arr.tobytes()
             response.shape.extend(arr.shape)
+            if r.latents is not None:
+                z = np.ascontiguousarray(r.latents.numpy(), dtype="<f4")
+                response.latents = z.tobytes()
+                response.latent_shape.extend(z.shape)
         else:
             response.png = r.png()
         for t in r.trace:

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -78,7 +79,8 @@ class PublishGate(BaseModel):
 class Router:
     """Serve deployment class (options come from the builder, never from a decorator)."""
 
-    async def __init__(self, args: dict) -> None:
+    async def __init__(self, args: dict, decoder: Any = None) -> None:
+        """`decoder`: the handle of the app's Decoder deployment, when a latent mixture's decoder runs there."""
         self.args = AppArgs.model_validate(args)
         self.config = load_config(self.args.model_dir)
         self.registry = await RegistryClient.connect(
@@ -88,10 +90,11 @@ class Router:
             log.warning("corrupt registry set aside as %s; starting from the model", self.registry.set_aside)
         self._gate_path = self.registry.gate
         self.gate: Gate = await asyncio.to_thread(self._build_gate, self._gate_path)
-        self.decoder = (  # a latent mixture's decoder, run here once per image at the end
-            None
-            if self.config.decoder is None
-            else await asyncio.to_thread(load_decoder, self.args.model_dir / self.config.decoder)
+        self._decoder_handle = decoder  # a latent mixture's decoder in its own deployment, or None
+        self.decoder = (  # ... or run here, in a worker thread, once per image at the end
+            await asyncio.to_thread(load_decoder, self.args.model_dir / self.config.decoder)
+            if self.config.decoder is not None and decoder is None
+            else None
         )
         if self.config.condition == "text":  # load the text encoder now: a missing extra fails the deploy
             await asyncio.to_thread(shared_encoder, self.config.text_tokens)
@@ -654,7 +657,12 @@ class Router:
 
     # ---- generation -----------------------------------------------------------------------------------
     async def _decoded(self, result: GenerationResult) -> GenerationResult:
-        """A latent mixture's result with its images decoded, once per image, in a worker thread."""
+        """A latent mixture's result with its images decoded, once per image: by the Decoder deployment, or
+        here in a worker thread."""
+        if self._decoder_handle is not None:
+            latents = np.ascontiguousarray(result.latents.numpy(), dtype=np.float32)
+            images = await self._decoder_handle.decode.remote(latents)
+            return result.with_decoded(torch.from_numpy(images))
         if self.decoder is None:
             return result
         return await asyncio.to_thread(result.decoded, self.decoder)

@@ -67,6 +67,7 @@ def tiny_app(
     warm_pool: int = 0,
     expert: dict[str, Any] | None = None,
     expert_overrides: dict[str, dict[str, Any]] | None = None,
+    decoder: dict[str, Any] | None = None,
     **router: Any,
 ) -> Iterator[Path]:
     """The tiny mixture in `model` (tests/tiny.py) deployed as the `mode-ray` app with `warm_pool`, expert
@@ -85,6 +86,7 @@ def tiny_app(
         expert={"num_cpus": 0.1, "max_replicas": 1, **(expert or {})},
         expert_overrides=expert_overrides or {},
         router={"num_cpus": 0.1, **router},
+        decoder={"num_cpus": 0.1, **(decoder or {})},
     )
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     try:

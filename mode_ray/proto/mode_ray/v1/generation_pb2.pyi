@@ -42,7 +42,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., class_label: _Optional[int] = ..., num_images: _Optional[int] = ..., steps: _Optional[int] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_weight: _Optional[float] = ..., experts: _Optional[_Iterable[str]] = ..., exclude_experts: _Optional[_Iterable[str]] = ..., output: _Optional[str] = ..., deadline_s: _Optional[float] = ..., trace: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("png", "images", "shape", "labels", "trace", "request_id", "seconds", "seed", "dropped_mass", "registry_version", "trace_mode", "attempts", "cold_starts")
+    __slots__ = ("png", "images", "shape", "labels", "trace", "request_id", "seconds", "seed", "dropped_mass", "registry_version", "trace_mode", "attempts", "cold_starts", "latents", "latent_shape")
     class ColdStartsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,8 @@ class GenerateResponse(_message.Message):
     TRACE_MODE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     COLD_STARTS_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    LATENT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     png: bytes
     images: bytes
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -76,7 +78,9 @@ class GenerateResponse(_message.Message):
     trace_mode: str
     attempts: int
     cold_starts: _containers.ScalarMap[str, float]
-    def __init__(self, png: _Optional[bytes] = ..., images: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., trace: _Optional[_Iterable[_Union[StepTrace, _Mapping]]] = ..., request_id: _Optional[str] = ..., seconds: _Optional[float] = ..., seed: _Optional[int] = ..., dropped_mass: _Optional[float] = ..., registry_version: _Optional[int] = ..., trace_mode: _Optional[str] = ..., attempts: _Optional[int] = ..., cold_starts: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    latents: bytes
+    latent_shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, png: _Optional[bytes] = ..., images: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[int]] = ..., trace: _Optional[_Iterable[_Union[StepTrace, _Mapping]]] = ..., request_id: _Optional[str] = ..., seconds: _Optional[float] = ..., seed: _Optional[int] = ..., dropped_mass: _Optional[float] = ..., registry_version: _Optional[int] = ..., trace_mode: _Optional[str] = ..., attempts: _Optional[int] = ..., cold_starts: _Optional[_Mapping[str, float]] = ..., latents: _Optional[bytes] = ..., latent_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepTrace(_message.Message):
     __slots__ = ("step", "sigma", "rows")

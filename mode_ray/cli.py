@@ -202,8 +202,23 @@ def train_gate_cmd(
         list[Path] | None, typer.Option(help="with --extend: a hot-added expert directory (repeatable)")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="with --extend: where to write the gate (default <mixture>/gates/<n>)")
+        Path | None,
+        typer.Option(
+            help="where to write the gate (--extend: default <mixture>/gates/<n>; --mixture: default <mixture>/gate, "
+            "enabled in mixture.json, while an --out elsewhere leaves mixture.json alone)"
+        ),
     ] = None,
+    head: Annotated[
+        Literal["pool", "spatial"],
+        typer.Option(help="gate features averaged over the image (pool) or kept on a 4 x 4 grid (spatial)"),
+    ] = "pool",
+    targets: Annotated[
+        Literal["labels", "posterior"],
+        typer.Option(
+            help="null-condition target: the expert holding x0 (labels) or the leave-one-out empirical posterior "
+            "p(k | x, sigma) of the training set (posterior: same optimum, less variance)"
+        ),
+    ] = "labels",
     publish: Annotated[
         str | None, typer.Option(help="with --extend: publish the new gate to this running cluster (its URL)")
     ] = None,
@@ -228,18 +243,26 @@ def train_gate_cmd(
         raise typer.BadParameter("give exactly one of --mixture (train) and --extend (add rows)")
     if extend is not None and not expert:
         raise typer.BadParameter("--extend needs at least one --expert directory")
-    if extend is None and (expert or out or publish):
-        raise typer.BadParameter("--expert, --out and --publish go with --extend")
+    if extend is None and (expert or publish):
+        raise typer.BadParameter("--expert and --publish go with --extend")
     from mode_ray.train.progress import progress_bars
 
     _ray(address, num_cpus, train=True)
     try:
         with progress_bars(typer.echo) as board:
             base = _job(
-                kind="gate", name="gate", steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=board
+                kind="gate",
+                name="gate",
+                steps=steps,
+                batch_size=batch_size,
+                lr=lr,
+                seed=seed,
+                progress=board,
+                gate_head=head,
+                gate_targets=targets,
             )
             if mixture is not None:
-                path = train_gate(mixture, base, workers, cpus_per_worker, gpu)
+                path = train_gate(mixture, base, workers, cpus_per_worker, gpu, out)
             else:
                 assert extend is not None and expert
                 path = extend_gate(extend, list(expert), base, workers, cpus_per_worker, gpu, out)

@@ -74,6 +74,13 @@ class LearnedGateConfig:
     cond_dim: int = 10
     width: int = 32
     sigma_data: float = 0.5
+    # "pool": features averaged over the image (the first gates); "spatial": a 4 x 4 grid of them kept, so the
+    # gate sees where the strokes are (at mid noise the digit's layout is what tells the experts apart)
+    head: str = "pool"
+
+    def __post_init__(self) -> None:
+        if self.head not in ("pool", "spatial"):
+            raise ValueError(f"head must be 'pool' or 'spatial', got {self.head!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -97,8 +104,11 @@ class LearnedGateNet(nn.Module):
             nn.AvgPool2d(2),  # (B, 2w, H/4, W/4)
             nn.Conv2d(2 * w, 2 * w, 3, padding=1),
             nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),  # (B, 2w)
+            *(
+                (nn.AdaptiveAvgPool2d(1), nn.Flatten())  # (B, 2w)
+                if c.head == "pool"
+                else (nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(32 * w, 2 * w))  # (B, 2w)
+            ),
         )
         self.noise = nn.Linear(2, 2 * w)
         self.cond = nn.Linear(c.cond_dim, 2 * w, bias=False) if c.cond_dim else None

@@ -86,9 +86,16 @@ def gate_partition(cards: list[ExpertCard]) -> str:
 
 
 def train_gate(
-    mixture_dir: Path, base: JobConfig, workers: int, cpus_per_worker: int, use_gpu: bool = False
+    mixture_dir: Path,
+    base: JobConfig,
+    workers: int,
+    cpus_per_worker: int,
+    use_gpu: bool = False,
+    out: Path | None = None,
 ) -> Path:
-    """Fit the learned gate on the experts' partitions and enable it in mixture.json."""
+    """Fit the learned gate on the experts' partitions into `out` (default mixture_dir/gate, then enabled in
+    mixture.json; a gate written elsewhere leaves mixture.json alone: load it with `load_bundle(..., gate=)`
+    or publish it with `mode-ray gate publish`)."""
     config = load_config(mixture_dir)
     cards = [load_card(mixture_dir / "experts" / n) for n in config.experts]
     cfg = JobConfig(
@@ -103,7 +110,10 @@ def train_gate(
             "text_tokens": config.text_tokens,
         }
     )
-    path = fit(cfg, mixture_dir / "gate", workers, cpus_per_worker, use_gpu)
+    default = mixture_dir / "gate"
+    path = fit(cfg, out or default, workers, cpus_per_worker, use_gpu)
+    if out is not None and out.resolve() != default.resolve():
+        return path
     gate = config.gate.model_copy(update={"learned": "gate"})
     (mixture_dir / "mixture.json").write_text(
         config.model_copy(update={"gate": gate}).model_dump_json(indent=2) + "\n"

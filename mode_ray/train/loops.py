@@ -54,6 +54,11 @@ class JobConfig:
     threads: int = 0  # torch threads per worker; 0 = the worker's CPUs
     gate_experts: list[str] = field(default_factory=list)  # gate: output rows, one per shard of `partition`
     base_gate: str | None = None  # gate: extend this gate directory (its rows frozen) with the new rows
+    gate_head: str = "pool"  # gate: LearnedGateConfig.head ("pool" or "spatial")
+    # gate: the target of a null-condition row: "labels" (the expert that holds x0, a one-hot sample of
+    # p(k | x, sigma)) or "posterior" (the leave-one-out empirical posterior of the noised training set, the
+    # expectation of that sample: the same optimum, far less variance at mid noise)
+    gate_targets: str = "labels"
     progress: str | None = None  # the ProgressBoard actor to report to (mode_ray.train.progress), if any
     condition: str = "class_label"  # or "text": captions of the labels through the text encoder
     text_tokens: int = 16  # text: token embeddings per caption (L) beside the pooled one
@@ -113,6 +118,13 @@ def train_loop_per_worker(config: dict) -> None:
     local_batch = max(1, cfg.batch_size // world)
     t0, seen, running = time.time(), 0, 0.0
     smooth: float | None = None
+    posterior = None
+    if cfg.kind == "gate" and cfg.gate_targets == "posterior":
+        from mode_ray.train.unconditional import EmpiricalPosteriorGate
+
+        posterior = EmpiricalPosteriorGate(images, targets, tuple(cfg.gate_experts))
+    elif cfg.gate_targets != "labels":
+        raise ValueError(f"gate_targets must be 'labels' or 'posterior', got {cfg.gate_targets!r}")
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, step)
@@ -122,7 +134,10 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.kind != "classifier":
             drop = torch.rand(local_batch, generator=g) < cfg.cond_dropout
             cond = conditioner.draw(idx, y, drop, g).to(device)
-        loss = _loss(cfg, model, x0, cond, t, g, device)
+        if posterior is not None:
+            loss = _gate_posterior_loss(model, x0, cond, t, drop, idx, posterior, g, device)
+        else:
+            loss = _loss(cfg, model, x0, cond, t, g, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -206,7 +221,9 @@ def _build_model(cfg: JobConfig, dim: int, shape: tuple[int, ...]) -> torch.nn.M
     if cfg.kind == "gate":
         if cfg.base_gate is not None:
             return extended_gate_net(load_gate_net(cfg.base_gate), tuple(cfg.gate_experts))
-        return LearnedGateNet(LearnedGateConfig(tuple(cfg.gate_experts), in_channels=shape[0], cond_dim=dim))
+        return LearnedGateNet(
+            LearnedGateConfig(tuple(cfg.gate_experts), in_channels=shape[0], cond_dim=dim, head=cfg.gate_head)
+        )
     return Classifier(classes=dim, in_channels=shape[0])
 
 
@@ -252,6 +269,20 @@ def _loss(cfg, model, x0, cond, t, g, device) -> torch.Tensor:  # type: ignore[n
         return F.nll_loss(model(x, sigma, cond), t)
     sigma = sample_training_sigmas(b, g).to(device)
     return edm_loss(model, x0, sigma, cond, torch.randn(x0.shape, generator=g).to(device)).mean()
+
+
+def _gate_posterior_loss(model, x0, cond, t, drop, idx, posterior, g, device) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The gate's cross-entropy with, on null-condition rows (`drop`), the leave-one-out empirical posterior
+    p(k | x, sigma) of the training set as the target; conditioned rows keep their expert's label (given a
+    label-group condition the posterior is exactly that one-hot)."""
+    b = x0.shape[0]
+    sigma = torch.exp(torch.empty(b).uniform_(math.log(0.002), math.log(80), generator=g))
+    x = x0.cpu() + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
+    target = F.one_hot(t.cpu(), len(posterior.names)).float()
+    if drop.any():
+        target[drop] = posterior.log_posterior(x[drop], sigma[drop], exclude=idx[drop]).exp()
+    logp = model(x.to(device), sigma.to(device), cond)
+    return -(target.to(device) * logp).sum(1).mean()
 
 
 def _save(

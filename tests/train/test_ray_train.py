@@ -32,6 +32,16 @@ def test_two_worker_expert_and_gate_jobs(ray_session, tmp_path) -> None:  # noqa
     assert bundle.mixture.names == ["digits-0-1", "digits-2-3"]
     assert bundle.config.gate.learned == "gate"
 
+    # a spatial gate fitted to the empirical posterior, written beside the mixture: mixture.json untouched
+    before = (tmp_path / "mix" / "mixture.json").read_text()
+    cfg = JobConfig(
+        kind="gate", name="g", steps=3, batch_size=8, gate_head="spatial", gate_targets="posterior"
+    )
+    out = train_gate(tmp_path / "mix", cfg, 1, 1, out=tmp_path / "gate-posterior")
+    assert (tmp_path / "mix" / "mixture.json").read_text() == before
+    net = load_bundle(tmp_path / "mix", gate=out).mixture.gate.gates[-1].net
+    assert net.config.head == "spatial" and net.config.experts == ("digits-0-1", "digits-2-3")
+
 
 @pytest.mark.slow
 def test_jobs_report_to_the_progress_board_and_end_with_a_summary_line(ray_session, tmp_path) -> None:  # noqa: ANN001

@@ -48,7 +48,8 @@ def main() -> None:
         action="append",
         default=[],
         metavar="NAME=DIR",
-        help="another learned gate (e.g. from `mode-ray train gate --out`), sampled at top-k and with every expert",
+        help="another learned gate (e.g. from `mode-ray train gate --out`), sampled at top-k (and with every expert "
+        "when --configs has gates-all)",
     )
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args()
@@ -98,7 +99,8 @@ def main() -> None:
         label, _, path = spec.partition("=")
         others[label] = build_gate(bundle.config.gate, bundle.path, Path(path))
         run(f"gate {label}, top-{bundle.config.top_k}", others[label], None)
-        run(f"gate {label}, top-{n_exp}", others[label], n_exp)
+        if "gates-all" in configs:
+            run(f"gate {label}, top-{n_exp}", others[label], n_exp)
     if "conditional" in configs:
         run(f"class-conditional, learned gate, top-{bundle.config.top_k}", learned, None, prompt="each")
     if "experts" in configs:

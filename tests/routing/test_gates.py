@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mode_ray.routing import LearnedGate, LearnedGateNet, Mixture, PrototypeGate, SumGate
@@ -97,3 +98,21 @@ def test_the_in_process_mixture_routes_a_hot_added_copy_by_its_prototype_only() 
     added = Mixture([*experts[:2], experts[2]], mix.gate, top_k=2)
     x, sigma = batch()
     torch.testing.assert_close(added(x, sigma), mix(x, sigma), rtol=0, atol=0)  # unconditional: unchanged
+
+
+def test_spatial_gate_keeps_where_the_strokes_are() -> None:
+    """A "spatial" gate keeps a 4 x 4 grid of features, so an image and its mirror image score apart; its
+    output is still log-probabilities. Old gate cards without `head` load as "pool"; an unknown head is
+    refused by name."""
+    torch.manual_seed(0)
+    cfg = LearnedGateConfig(("e0", "e1", "e2"), in_channels=1, cond_dim=10, width=4, head="spatial")
+    net = LearnedGateNet(cfg).eval()
+    x = torch.zeros(1, 1, 28, 28)
+    x[..., 2:12, 2:12] = 1.0  # a blob top-left
+    both = torch.cat([x, x.flip(-1)])
+    out = net(both, torch.ones(2), None)
+    assert out.shape == (2, 3) and torch.allclose(out.exp().sum(1), torch.ones(2))
+    assert (out[0] - out[1]).abs().max() > 1e-4
+    assert LearnedGateConfig(("e0",)).head == "pool"
+    with pytest.raises(ValueError, match="head must be 'pool' or 'spatial'"):
+        LearnedGateConfig(("e0",), head="grid")

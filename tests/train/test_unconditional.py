@@ -63,6 +63,7 @@ def test_empirical_posterior_limits_nearest_point_and_prior() -> None:
 def test_empirical_posterior_gate_routes_by_name() -> None:
     """As a Gate it answers in the order of the experts it is asked about, finite everywhere (an expert that
     holds no point gets a very low, finite score)."""
+
     class Card:  # a gate reads only the experts' names
         def __init__(self, name: str) -> None:
             self.name = name

@@ -21,7 +21,7 @@ from mode_ray.generation.bundle import MixtureBundle
 from mode_ray.routing.gates import Gate, LearnedGate
 from mode_ray.train.classifier import Classifier
 from mode_ray.train.data import Dataset
-from mode_ray.train.evaluate import SIGMA_BUCKETS, frechet_distance, noise_by_bucket
+from mode_ray.train.evaluate import frechet_distance, noise_by_bucket
 from mode_ray.train.partitions import PartitionSpec
 
 AMBIGUOUS = 0.5  # a sample whose top class probability is below this is ambiguous
@@ -205,7 +205,7 @@ def gate_calibration(
     seed: int = 0,
     bins: int = 10,
 ) -> dict[str, dict]:
-    """The learned gate at the null condition against held-out truth, per SIGMA_BUCKETS bucket:
+    """The learned gate at the null condition against held-out truth, per bucket of mode_ray.train.evaluate.SIGMA_BUCKETS:
     - accuracy (argmax == the owner of the image's label) and ECE with `bins` confidence bins (a reliability
       diagram: per bin the mean confidence, the accuracy and the count);
     - tv_to_posterior: mean total variation between the gate's p(k | x, sigma) and the empirical posterior's,
@@ -254,7 +254,6 @@ def gate_calibration(
 
 __all__ = [
     "AMBIGUOUS",
-    "SIGMA_BUCKETS",
     "EmpiricalPosteriorGate",
     "ShareReport",
     "chi_square",

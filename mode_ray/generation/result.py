@@ -137,6 +137,11 @@ class GenerationResult:
         """The images as a C-contiguous little-endian float32 array (N, C, H, W)."""
         return np.ascontiguousarray(self.images.numpy().astype("<f4"))
 
+    def raw_latents(self) -> np.ndarray:
+        """A latent mixture's latents as a C-contiguous little-endian float32 array (N, c, h, w)."""
+        assert self.latents is not None, "only a latent mixture's result has latents"
+        return np.ascontiguousarray(self.latents.numpy().astype("<f4"))
+
     def to_json(self) -> dict[str, Any]:
         """The `output: json` body of POST /v1/generate: base64 float32 images, a PNG grid and the trace."""
         arr = self.raw()
@@ -156,7 +161,7 @@ class GenerationResult:
             "registry_version": self.registry_version,
             "seconds": self.seconds,
             **({} if self.timing is None else {"timing": self.timing}),
-            **({} if self.latents is None else _latents_json(self.latents)),
+            **({} if self.latents is None else _latents_json(self.raw_latents())),
         }
 
     @classmethod
@@ -179,8 +184,7 @@ class GenerationResult:
         )
 
 
-def _latents_json(latents: torch.Tensor) -> dict[str, Any]:
-    arr = np.ascontiguousarray(latents.numpy().astype("<f4"))
+def _latents_json(arr: np.ndarray) -> dict[str, Any]:
     return {"latents": base64.b64encode(arr.tobytes()).decode(), "latent_shape": list(arr.shape)}
 
 

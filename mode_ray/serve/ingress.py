@@ -15,7 +15,6 @@ from dataclasses import replace
 from typing import Any, Literal, get_args
 
 import grpc
-import numpy as np
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -352,7 +351,7 @@ class Ingress:
             response.images = arr.tobytes()
             response.shape.extend(arr.shape)
             if r.latents is not None:
-                z = np.ascontiguousarray(r.latents.numpy(), dtype="<f4")
+                z = r.raw_latents()
                 response.latents = z.tobytes()
                 response.latent_shape.extend(z.shape)
         else:

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -660,8 +659,7 @@ class Router:
         """A latent mixture's result with its images decoded, once per image: by the Decoder deployment, or
         here in a worker thread."""
         if self._decoder_handle is not None:
-            latents = np.ascontiguousarray(result.latents.numpy(), dtype=np.float32)
-            images = await self._decoder_handle.decode.remote(latents)
+            images = await self._decoder_handle.decode.remote(result.raw_latents())
             return result.with_decoded(torch.from_numpy(images))
         if self.decoder is None:
             return result

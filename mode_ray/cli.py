@@ -25,11 +25,18 @@ train_app = typer.Typer(
 app.add_typer(train_app, name="train")
 
 DEFAULT_MODEL = Path(__file__).parent / "pretrained" / "mnist"
-SHIPPED_MODELS = ("mnist", "mnist-text")  # --model takes these names as well as directories
+SHIPPED_MODELS = (
+    "mnist",
+    "mnist-text",
+    "mnist-dense-s",
+    "mnist-dense-s2",
+    "mnist-dense-m",
+)  # --model takes these names as well as directories
 
 
 def model_dir(model: Path) -> Path:
-    """--model: a mixture directory, or the name of a shipped model (`mnist`, `mnist-text`)."""
+    """--model: a mixture directory, or the name of a shipped model (`mnist`, `mnist-text`, the dense
+    baselines `mnist-dense-s`, `-s2`, `-m`)."""
     if not model.exists() and str(model) in SHIPPED_MODELS:
         return DEFAULT_MODEL.parent / str(model)
     return model

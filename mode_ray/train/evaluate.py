@@ -16,6 +16,7 @@ from mode_ray.diffusion import edm_loss
 from mode_ray.generation import GenerateParams, generate_local
 from mode_ray.generation.bundle import MixtureBundle
 from mode_ray.models.conditions import one_hot
+from mode_ray.models.flops import forward_flops
 from mode_ray.routing.gates import LearnedGate
 from mode_ray.train.classifier import Classifier
 from mode_ray.train.data import Dataset
@@ -42,6 +43,10 @@ class EvalResult:
     expert_rows_per_image: float = (
         0.0  # expert forward rows per image: every chosen expert, both guidance branches
     )
+    top_p: float | None = None
+    gflops_per_image: float = (
+        0.0  # counted forward GFLOPs per image: every evaluated expert and the gate, both branches
+    )
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -53,6 +58,33 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     sqrt_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
     mid = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
     return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * mid)
+
+
+def bootstrap_fid(
+    a: torch.Tensor, b: torch.Tensor, rounds: int = 200, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """FID of features a: (N, F) against b: (M, F) and a bootstrap interval at `level` for its sampling
+    spread: both sets resampled with replacement `rounds` times, the resampled FIDs' quantiles shifted so that
+    their mean is the estimate. (A resample repeats points, which shrinks its covariances and adds a near-
+    constant bias to its FID: the raw percentiles can miss the estimate altogether, and the pivotal interval
+    would subtract that bias twice.) Returns (fid, low, high)."""
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.tensor(
+        [
+            frechet_distance(
+                a[torch.randint(len(a), (len(a),), generator=g)],
+                b[torch.randint(len(b), (len(b),), generator=g)],
+            )
+            for _ in range(rounds)
+        ]
+    )
+    tail = (1 - level) / 2
+    q_low, q_high = torch.quantile(
+        draws.double(), torch.tensor([tail, 1 - tail], dtype=torch.float64)
+    ).tolist()
+    fid = frechet_distance(a, b)
+    shift = fid - float(draws.double().mean())
+    return fid, max(0.0, q_low + shift), q_high + shift
 
 
 def noise_by_bucket(x0: torch.Tensor, g: torch.Generator) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -115,14 +147,20 @@ def evaluate(
     batch: int = 100,
     min_weight: float | None = None,
     template: str | None = None,
+    top_p: float | None = None,
+    reference: torch.Tensor | None = None,
 ) -> tuple[EvalResult, torch.Tensor, torch.Tensor]:
     """Returns the result, the generated images (N, C, H, W) in [0, 1] and their requested labels (N,).
-    template: for a text mixture, the caption template of the prompts (mode_ray.train.captions)."""
+    template: for a text mixture, the caption template of the prompts (mode_ray.train.captions).
+    reference: the real images (M, C, H, W) in [-1, 1] the FID compares with (default: the first
+    max(N, 2000) of `test`)."""
     if bundle.config.condition == "none":
         raise ValueError(f"eval needs a conditional mixture; {bundle.config.name!r} is unconditional")
     classes = num_classes(bundle)
     per_class = max(1, num_samples // classes)
     images, labels, seconds, expert_rows = [], [], 0.0, 0
+    row_flops = inference_flops(bundle)
+    flops = 0
     for c in range(classes):
         for start in range(0, per_class, batch):
             n = min(batch, per_class - start)
@@ -135,6 +173,7 @@ def evaluate(
                 guidance_scale=guidance_scale,
                 top_k=top_k,
                 min_weight=min_weight,
+                top_p=top_p,
             )
             t0 = time.perf_counter()
             gen = generate_local(bundle.mixture, bundle.config, params)
@@ -144,15 +183,18 @@ def evaluate(
                 1 if scale == 1.0 else 2
             )  # the guided null-condition rows run beside the conditional ones
             expert_rows += branches * sum(len(row) for t in gen.trace for row in t.experts)
+            flops += branches * sum(
+                row_flops["gate"] + sum(row_flops[e] for e in row) for t in gen.trace for row in t.experts
+            )
             images.append(gen.images)
             labels += [c] * n
     x = torch.cat(images)  # (N, C, H, W) in [0, 1]
     y = torch.tensor(labels)
     model_in = x * 2 - 1
     accuracy = float((classifier(model_in).argmax(1) == y).float().mean())
-    fid = frechet_distance(
-        classifier.features(model_in), classifier.features(test.images[: max(len(x), 2000)])
-    )
+    if reference is None:
+        reference = test.images[: max(len(x), 2000)]
+    fid = frechet_distance(classifier.features(model_in), classifier.features(reference))
     k = top_k or bundle.config.top_k
     sizes = sorted((sum(p.numel() for p in d.parameters()) for d in bundle.mixture.denoisers), reverse=True)
     result = EvalResult(
@@ -170,8 +212,23 @@ def evaluate(
         top_k=min(k, len(sizes)),
         min_weight=bundle.config.min_weight if min_weight is None else min_weight,
         expert_rows_per_image=round(expert_rows / len(x), 2),
+        top_p=bundle.config.top_p if top_p is None else top_p,
+        gflops_per_image=round(flops / len(x) / 1e9, 4),
     )
     return result, x, y
+
+
+def inference_flops(bundle: MixtureBundle) -> dict[str, int]:
+    """Forward FLOPs of one row (mode_ray.models.flops): each expert by name, and "gate" for the gate
+    (prototype, noise and learned gates together), which scores every row at every evaluation."""
+    mixture, card = bundle.mixture, bundle.mixture.cards[0]
+    shape, cond_shape = tuple(card.latent_shape), card.condition.shape
+    out = {
+        c.name: forward_flops(d, shape, cond_shape)
+        for c, d in zip(mixture.cards, mixture.denoisers, strict=True)
+    }
+    out["gate"] = forward_flops(mixture.logits, shape, cond_shape)
+    return out
 
 
 def markdown_table(results: list[EvalResult]) -> str:

@@ -21,6 +21,7 @@ from mode_ray.generation.bundle import load_gate_net, save_gate
 from mode_ray.models.card import DataSummary, ExpertCard
 from mode_ray.models.checkpoint import load_card, save_expert
 from mode_ray.models.dit import DIT_PRESETS, DiT
+from mode_ray.models.flops import forward_flops
 from mode_ray.models.unet import UNET_PRESETS, UNet
 from mode_ray.routing.gates import LearnedGateConfig, LearnedGateNet
 from mode_ray.train.classifier import Classifier, save_classifier
@@ -64,17 +65,6 @@ class JobConfig:
     text_tokens: int = 16  # text: token embeddings per caption (L) beside the pooled one
 
 
-def _flops_per_sample(model: torch.nn.Module, shape: tuple[int, ...], cond_shape: tuple[int, ...]) -> int:
-    """Forward FLOPs of one sample with a condition of `cond_shape` ((D,), (1 + L, D), or () for none)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    # the math attention kernel: the counter does not see the fused CPU one (a DiT's attention would be free)
-    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        model(torch.zeros(1, *shape), torch.ones(1), torch.zeros(1, *cond_shape) if cond_shape else None)
-    return int(counter.get_total_flops())
-
-
 def _shard_data(cfg: JobConfig) -> tuple[Dataset, list[torch.Tensor]]:
     data = load_dataset(cfg.dataset, "train")
     return data, partition(data, cfg.partition, cfg.seed)
@@ -110,7 +100,7 @@ def train_loop_per_worker(config: dict) -> None:
     dim = conditioner.dim
     model = _build_model(cfg, dim, tuple(images.shape[1:]))
     denoiser = cfg.kind in ("expert", "dense")
-    flops = _flops_per_sample(model, tuple(images.shape[1:]), conditioner.shape) if denoiser else 0
+    flops = forward_flops(model, tuple(images.shape[1:]), conditioner.shape) if denoiser else 0
     ema = copy.deepcopy(model).requires_grad_(False)
     model = ray.train.torch.prepare_model(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -375,5 +365,5 @@ def steps_for_compute(expert_dirs: list[Path], preset: str, batch_size: int, bac
         condition=condition.type,
         text_tokens=condition.tokens,
     )
-    per_sample = 3 * _flops_per_sample(_build_model(cfg, condition.dim, shape), shape, condition.shape)
+    per_sample = 3 * forward_flops(_build_model(cfg, condition.dim, shape), shape, condition.shape)
     return max(1, round(total / (per_sample * batch_size)))

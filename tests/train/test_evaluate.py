@@ -6,7 +6,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from mode_ray.train.evaluate import frechet_distance
+from mode_ray.train.evaluate import bootstrap_fid, frechet_distance, inference_flops
 
 
 def test_frechet_distance_of_sample_moments_matches_scipy_sqrtm() -> None:
@@ -31,3 +31,30 @@ def test_frechet_distance_of_two_gaussians_approaches_the_closed_form() -> None:
     closed = float((mu1 - mu2).square().sum() + (s1 - s2).square().sum())  # 5 + 5.25 = 10.25
     assert abs(frechet_distance(a, b) - closed) < 0.02 * closed
     assert frechet_distance(a, a) < 1e-9  # a set against itself
+
+
+def test_bootstrap_fid_interval_holds_the_estimate_and_narrows_with_n() -> None:
+    g = torch.Generator().manual_seed(0)
+
+    def interval(n: int) -> tuple[float, float, float]:
+        a = torch.randn(n, 8, generator=g) + 0.3
+        b = torch.randn(n, 8, generator=g)
+        return bootstrap_fid(a, b, rounds=100, seed=1)
+
+    fid, lo, hi = interval(400)
+    assert lo < fid < hi  # the shift puts the estimate inside (raw percentiles sit above it)
+    fid_big, lo_big, hi_big = interval(6400)
+    assert hi_big - lo_big < (hi - lo) / 2  # 16x the samples: about a quarter of the width
+
+
+def test_inference_flops_count_every_expert_and_the_gate() -> None:
+    from mode_ray.cli import DEFAULT_MODEL
+    from mode_ray.generation import load_bundle
+
+    bundle = load_bundle(DEFAULT_MODEL)
+    flops = inference_flops(bundle)
+    assert set(flops) == {c.name for c in bundle.mixture.cards} | {"gate"}
+    # the same UNet preset for every expert: one count; a 0.44M-parameter UNet on 28x28 is ~10^8 FLOPs
+    per_expert = {flops[c.name] for c in bundle.mixture.cards}
+    assert len(per_expert) == 1 and 5e7 < per_expert.pop() < 5e8
+    assert 0 < flops["gate"] < flops[bundle.mixture.cards[0].name]

@@ -1,0 +1,286 @@
+"""Does specialisation beat a dense model at equal compute? FID against inference FLOPs per image, with intervals.
+
+    python benchmarks/quality_pareto.py                      # every configuration, then the chart
+    python benchmarks/quality_pareto.py --only dense-s,top-1 # some of them (results are kept per configuration)
+    python benchmarks/quality_pareto.py --plot-only          # redraw the chart and the table from kept results
+
+The protocol (issue 11): every configuration at its own best guidance, chosen on a *validation* set and reported
+on a disjoint *test* set. MNIST's test split is cut in two: the first half is the validation reference, the
+second half the test reference, and the generated sets of the two phases use different seeds. For each
+configuration the script sweeps the guidance scales on `--val-n` class-balanced samples, keeps the scale with
+the lowest validation classifier-FID, then draws `--test-n` samples at that scale and reports the
+classifier-FID with a bootstrap 95% interval (both feature sets resampled) and the classifier accuracy with a
+Wilson 95% interval. Inference compute is counted, not estimated: forward GFLOPs per image of every expert
+the trace says was evaluated and of the gate, times two where guidance runs the null-condition rows.
+Training compute comes from the cards (every dense baseline is trained with --match-compute: the same total
+training FLOPs as the mixture's experts).
+
+Configurations: the mixture (default: the shipped `mnist`) at top-1, top-2 without a floor, top-2 with the
+weight floor 0.01 (as shipped) and top-p 0.9 (capped at every expert, no floor); each dense baseline
+(default: the shipped `mnist-dense-*` one-expert mixtures) as it is.
+
+Writes benchmarks/results/quality/pareto/<config>.json, pareto.{md,json} and pareto.png. Not a test: run by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from mode_ray.cli import DEFAULT_MODEL, model_dir
+from mode_ray.generation import load_bundle
+from mode_ray.models.checkpoint import load_card
+from mode_ray.train.classifier import load_classifier
+from mode_ray.train.data import load_mnist
+from mode_ray.train.evaluate import bootstrap_fid, evaluate, wilson_interval
+
+OUT = Path(__file__).resolve().parent / "results" / "quality"
+PRETRAINED = DEFAULT_MODEL.parent
+MIXTURE_CONFIGS = {  # name -> evaluate() routing overrides; min_weight 0 switches the shipped floor off
+    "top-1": {"top_k": 1, "min_weight": 0.0},
+    "top-2": {"top_k": 2, "min_weight": 0.0},
+    "top-2-floor": {"top_k": 2, "min_weight": 0.01},
+    "top-p-0.9": {"top_k": 16, "top_p": 0.9, "min_weight": 0.0},
+}
+
+
+def configurations(mixture: Path, dense: list[Path]) -> dict[str, tuple[Path, dict, str]]:
+    """name -> (model directory, evaluate() overrides, kind: "mixture" or "dense")."""
+    out = {name: (mixture, kw, "mixture") for name, kw in MIXTURE_CONFIGS.items()}
+    for d in dense:
+        out[d.name.removeprefix("mnist-")] = (d, {}, "dense")
+    return out
+
+
+def training_cost(model: Path) -> dict:
+    """Training FLOPs and seconds summed over the experts' cards (the gate's training is not counted in either)."""
+    cfg = json.loads((model / "mixture.json").read_text())
+    cards = [load_card(model / "experts" / n) for n in cfg["experts"]]
+    return {
+        "train_flops": sum(int(c.metrics.get("train_flops", 0)) for c in cards),
+        "train_seconds": round(sum(float(c.metrics.get("train_seconds", 0)) for c in cards), 1),
+        "experts": len(cards),
+    }
+
+
+def run_config(name: str, model: Path, overrides: dict, kind: str, a: argparse.Namespace) -> dict:
+    bundle = load_bundle(model)
+    judge = load_classifier(DEFAULT_MODEL / "classifier")
+    test = load_mnist("test")
+    half = len(test) // 2
+    val_ref, test_ref = test.images[:half], test.images[half:]
+    t0 = time.time()
+    sweep = []
+    for g in a.guidance:
+        r, _, _ = evaluate(
+            bundle, judge, test, a.val_n, guidance_scale=g, seed=1, reference=val_ref, **overrides
+        )
+        sweep.append(
+            {
+                "guidance": g,
+                "val_fid": r.fid,
+                "val_accuracy": r.accuracy,
+                "gflops_per_image": r.gflops_per_image,
+            }
+        )
+        print(
+            f"{name} g={g}: val FID {r.fid:.2f} acc {100 * r.accuracy:.1f}% {r.gflops_per_image:.2f} GFLOPs"
+        )
+    best = min(sweep, key=lambda s: s["val_fid"])
+    r, x, y = evaluate(
+        bundle,
+        judge,
+        test,
+        a.test_n,
+        guidance_scale=best["guidance"],
+        seed=2,
+        reference=test_ref,
+        **overrides,
+    )
+    with torch.no_grad():
+        fid, lo, hi = bootstrap_fid(
+            judge.features(x * 2 - 1), judge.features(test_ref), rounds=a.bootstrap, seed=0
+        )
+        hits = int((judge(x * 2 - 1).argmax(1) == y).sum())
+    acc_lo, acc_hi = wilson_interval(hits, len(y))
+    result = {
+        "name": name,
+        "kind": kind,
+        "model": model.name,
+        "routing": overrides,
+        "sweep": sweep,
+        "best_guidance": best["guidance"],
+        "test": {
+            **asdict(r),
+            "fid": round(fid, 3),
+            "fid_low": round(lo, 3),
+            "fid_high": round(hi, 3),
+            "accuracy_low": round(acc_lo, 4),
+            "accuracy_high": round(acc_hi, 4),
+        },
+        "training": training_cost(model),
+        "eval_seconds": round(time.time() - t0, 1),
+        "protocol": {
+            "val_n": a.val_n,
+            "test_n": a.test_n,
+            "bootstrap": a.bootstrap,
+            "threads": torch.get_num_threads(),
+        },
+    }
+    print(
+        f"{name}: best g={best['guidance']} test FID {fid:.2f} [{lo:.2f}, {hi:.2f}] "
+        f"acc {100 * hits / len(y):.1f}% {r.gflops_per_image:.2f} GFLOPs/image"
+    )
+    return result
+
+
+def dense_curve(results: list[dict], gflops: float) -> tuple[float, float, float] | None:
+    """The dense baselines' (FID, low, high) at `gflops`, linear in log GFLOPs between the two dense points
+    around it; None outside the dense range (no extrapolation)."""
+    pts = sorted(
+        ((r["test"]["gflops_per_image"], r["test"]) for r in results if r["kind"] == "dense"),
+        key=lambda p: p[0],
+    )
+    for (x0, a), (x1, b) in itertools.pairwise(pts):
+        if x0 <= gflops <= x1:
+            t = 0.0 if x1 == x0 else (math.log(gflops) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return tuple(a[k] + t * (b[k] - a[k]) for k in ("fid", "fid_low", "fid_high"))  # type: ignore[return-value]
+    return None
+
+
+def report(results: list[dict], out: Path) -> None:
+    head = "| config | kind | active / total params | GFLOPs/image | best guidance | FID (95% CI) | accuracy (95% CI) | dense FID at equal GFLOPs | ratio | train FLOPs | train min |"
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    summary = []
+    for r in sorted(results, key=lambda r: (r["kind"], r["test"]["gflops_per_image"])):
+        t = r["test"]
+        dense = dense_curve(results, t["gflops_per_image"]) if r["kind"] == "mixture" else None
+        ratio = None if dense is None else t["fid"] / dense[0]
+        separated = None if dense is None else t["fid_high"] < dense[1]
+        summary.append({"name": r["name"], "ratio_to_dense": ratio, "intervals_separate": separated})
+        dense_s = "-" if dense is None else f"{dense[0]:.1f} [{dense[1]:.1f}, {dense[2]:.1f}]"
+        ratio_s = "-" if ratio is None else f"{ratio:.2f}" + (" (CIs apart)" if separated else "")
+        lines.append(
+            f"| {r['name']} | {r['kind']} | {t['active_params'] / 1e6:.2f}M / {t['total_params'] / 1e6:.2f}M | "
+            f"{t['gflops_per_image']:.2f} | {r['best_guidance']:g} | {t['fid']:.1f} [{t['fid_low']:.1f}, "
+            f"{t['fid_high']:.1f}] | {100 * t['accuracy']:.1f}% [{100 * t['accuracy_low']:.1f}, "
+            f"{100 * t['accuracy_high']:.1f}] | {dense_s} | {ratio_s} | {r['training']['train_flops']:.2e} | "
+            f"{r['training']['train_seconds'] / 60:.0f} |"
+        )
+    sweep = ["", "Validation sweep (classifier-FID on the validation half; the chosen scale in bold):", ""]
+    sweep.append("| config | " + " | ".join(f"g={g:g}" for g in results[0]["sweep_scales"]) + " |")
+    sweep.append("|---|" + "---|" * len(results[0]["sweep_scales"]))
+    for r in results:
+        cells = {
+            s["guidance"]: (
+                f"**{s['val_fid']:.1f}**" if s["guidance"] == r["best_guidance"] else f"{s['val_fid']:.1f}"
+            )
+            for s in r["sweep"]
+        }
+        sweep.append(
+            f"| {r['name']} | " + " | ".join(cells.get(g, "-") for g in results[0]["sweep_scales"]) + " |"
+        )
+    p = results[0]["protocol"]
+    notes = (
+        f"\n- protocol: guidance chosen on {p['val_n']} samples against the first half of MNIST test, reported on "
+        f"{p['test_n']} samples against the second half; {p['bootstrap']} bootstrap rounds; heun, 18 steps\n"
+    )
+    (out / "pareto.md").write_text("\n".join(lines + sweep) + "\n" + notes)
+    (out / "pareto.json").write_text(json.dumps({"results": results, "summary": summary}, indent=2) + "\n")
+    plot(results, out / "pareto.png")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dense = sorted((r for r in results if r["kind"] == "dense"), key=lambda r: r["test"]["gflops_per_image"])
+    for group, style in ((dense, dict(color="tab:gray", marker="s", linestyle="-")),):
+        xs = [r["test"]["gflops_per_image"] for r in group]
+        ys = [r["test"]["fid"] for r in group]
+        err = [
+            [r["test"]["fid"] - r["test"]["fid_low"] for r in group],
+            [r["test"]["fid_high"] - r["test"]["fid"] for r in group],
+        ]
+        ax.errorbar(xs, ys, yerr=err, capsize=3, label="dense (params: s, s2, m)", **style)
+        for r in group:
+            ax.annotate(
+                f"{r['name']} g={r['best_guidance']:g}",
+                (r["test"]["gflops_per_image"], r["test"]["fid"]),
+                textcoords="offset points",
+                xytext=(5, 5),
+                fontsize=8,
+                color="tab:gray",
+            )
+    for r in (r for r in results if r["kind"] == "mixture"):
+        t = r["test"]
+        ax.errorbar(
+            [t["gflops_per_image"]],
+            [t["fid"]],
+            yerr=[[t["fid"] - t["fid_low"]], [t["fid_high"] - t["fid"]]],
+            marker="o",
+            capsize=3,
+            linestyle="none",
+            label=f"mixture {r['name']} g={r['best_guidance']:g}",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("inference GFLOPs per image (evaluated experts + gate, x2 with guidance)")
+    ax.set_ylabel("classifier-FID, test half (bootstrap 95% CI)")
+    ax.set_title("MNIST: mixture of 4 label-group experts vs dense, equal training FLOPs")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mixture", type=Path, default=DEFAULT_MODEL)
+    p.add_argument(
+        "--dense", type=Path, action="append", default=None, help="a dense one-expert mixture directory"
+    )
+    p.add_argument("--only", default=None, help="comma-separated configuration names")
+    p.add_argument(
+        "--guidance", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 1.5, 2.0, 3.0]
+    )
+    p.add_argument("--val-n", type=int, default=300)
+    p.add_argument("--test-n", type=int, default=2000)
+    p.add_argument("--bootstrap", type=int, default=200)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--out", type=Path, default=OUT)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dense = a.dense or sorted(PRETRAINED.glob("mnist-dense-*"))
+    configs = configurations(model_dir(a.mixture), [model_dir(d) for d in dense])
+    keep = a.out / "pareto"
+    keep.mkdir(parents=True, exist_ok=True)
+    if not a.plot_only:
+        names = a.only.split(",") if a.only else list(configs)
+        unknown = sorted(set(names) - set(configs))
+        if unknown:
+            raise SystemExit(f"unknown configuration(s) {unknown}; known: {sorted(configs)}")
+        for name in names:
+            model, overrides, kind = configs[name]
+            result = run_config(name, model, overrides, kind, a)
+            result["sweep_scales"] = a.guidance
+            (keep / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    results = [json.loads(f.read_text()) for f in sorted(keep.glob("*.json"))]
+    if results:
+        report(results, a.out)
+        print((a.out / "pareto.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

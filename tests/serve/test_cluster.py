@@ -426,12 +426,19 @@ def test_an_expert_served_outside_ray_joins_by_endpoint(cluster) -> None:  # noq
 
 
 def replica_actors(app: str, deployment: str = ""):  # noqa: ANN201
-    """Handles of the live replica actors of a Serve app (named SERVE_REPLICA::<app>#<deployment>#<id>)."""
+    """Handles of the live replica actors of a Serve app (named SERVE_REPLICA::<app>#<deployment>#<id>).
+    A replica listed but gone by the lookup (a scale-down stopping it in between) is not live: left out."""
     import ray
 
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "serve"]
     prefix = f"SERVE_REPLICA::{app}#{deployment}"
-    return [ray.get_actor(n, namespace="serve") for n in names if n.startswith(prefix)]
+    handles = []
+    for n in (n for n in names if n.startswith(prefix)):
+        try:
+            handles.append(ray.get_actor(n, namespace="serve"))
+        except ValueError:  # stopped between the listing and the lookup
+            continue
+    return handles
 
 
 def test_killing_an_expert_replica_mid_generation_fails_no_request(cluster) -> None:  # noqa: ANN001

@@ -205,23 +205,31 @@ def plot(results: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     dense = sorted((r for r in results if r["kind"] == "dense"), key=lambda r: r["test"]["gflops_per_image"])
-    for group, style in ((dense, dict(color="tab:gray", marker="s", linestyle="-")),):
-        xs = [r["test"]["gflops_per_image"] for r in group]
-        ys = [r["test"]["fid"] for r in group]
-        err = [
-            [r["test"]["fid"] - r["test"]["fid_low"] for r in group],
-            [r["test"]["fid_high"] - r["test"]["fid"] for r in group],
-        ]
-        ax.errorbar(xs, ys, yerr=err, capsize=3, label="dense (params: s, s2, m)", **style)
-        for r in group:
-            ax.annotate(
-                f"{r['name']} g={r['best_guidance']:g}",
-                (r["test"]["gflops_per_image"], r["test"]["fid"]),
-                textcoords="offset points",
-                xytext=(5, 5),
-                fontsize=8,
-                color="tab:gray",
-            )
+    xs = [r["test"]["gflops_per_image"] for r in dense]
+    ys = [r["test"]["fid"] for r in dense]
+    err = [
+        [r["test"]["fid"] - r["test"]["fid_low"] for r in dense],
+        [r["test"]["fid_high"] - r["test"]["fid"] for r in dense],
+    ]
+    ax.errorbar(
+        xs,
+        ys,
+        yerr=err,
+        capsize=3,
+        label="dense (params: s, s2, m)",
+        color="tab:gray",
+        marker="s",
+        linestyle="-",
+    )
+    for r in dense:
+        ax.annotate(
+            f"{r['name']} g={r['best_guidance']:g}",
+            (r["test"]["gflops_per_image"], r["test"]["fid"]),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=8,
+            color="tab:gray",
+        )
     for r in (r for r in results if r["kind"] == "mixture"):
         t = r["test"]
         ax.errorbar(

@@ -4,8 +4,9 @@
 
 Writes benchmarks/results/cluster.{md,json}. Not a test: run by hand; numbers depend on the machine.
 Measures: images/s and p50/p95 latency of (a) the in-process Mixture and (b) the Serve cluster (HTTP ->
-router -> gRPC -> experts) at 1 and 16 concurrent requests; the step engine's continuous batching on vs
-off; the time from hot-add to the first request routed to the new expert.
+router -> experts) at 1 and 16 concurrent requests for each transport (gRPC through the proxy, the Serve
+handle, gRPC straight to the replicas' own ports); the step engine's continuous batching on vs off; the
+time from hot-add to the first request routed to the new expert.
 """
 
 from __future__ import annotations
@@ -123,13 +124,14 @@ def main() -> None:
     http_port, grpc_port = start_ray_serve()
     url = f"http://127.0.0.1:{http_port}"
 
-    expert_wait: list[float] = []
+    experts_as: list[tuple[float, bool]] = []  # (batch wait, own direct port) the expert apps run with
 
     def deploy(continuous: bool, transport: str = "grpc", wait: float = 0.002, cohorts: int = 1) -> None:
-        if expert_wait and expert_wait[-1] != wait:  # the router leaves RUNNING experts alone: redeploy them
+        shape = (wait, transport == "direct")
+        if experts_as and experts_as[-1] != shape:  # the router leaves RUNNING experts alone: redeploy them
             for name in bundle.mixture.names:
                 serve.delete(f"expert-{name}")
-        expert_wait.append(wait)
+        experts_as.append(shape)
         a = AppArgs(
             model_dir=model,
             state_dir=work / "state",
@@ -164,7 +166,7 @@ def main() -> None:
         t0 = time.perf_counter()
         deploy(True)
         start_s = time.perf_counter() - t0
-        for transport, wait in (("grpc", 0.002), ("handle", 0.002), ("handle", 0.0)):
+        for transport, wait in (("grpc", 0.002), ("handle", 0.002), ("handle", 0.0), ("direct", 0.0)):
             deploy(True, transport, wait)
             remote(0)
             for c in (1, 16):

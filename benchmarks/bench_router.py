@@ -1,7 +1,7 @@
 """The router's own ceiling: one router replica driving emulated GPU experts (fixed latency, cheap output;
 `ExpertDeployment.emulate`), so the numbers are the router's and the transport's, not CPU convolutions.
 
-    .venv/bin/python benchmarks/bench_router.py [--experts 4 16] [--concurrency 1 16 64] [--transports grpc handle]
+    .venv/bin/python benchmarks/bench_router.py [--experts 4 16] [--concurrency 1 16 64] [--transports grpc handle direct]
 
 Per configuration: one-image requests (heun 18 steps = 35 evaluations, guidance 2, top-2), and from the
 engine's counters and the per-tick breakdown: ticks/s, rows/s, images/s, each expert's busy fraction
@@ -52,7 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experts", type=int, nargs="+", default=[4, 16])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    ap.add_argument("--transports", nargs="+", default=["grpc", "handle"])
+    ap.add_argument("--transports", nargs="+", default=["grpc", "handle", "direct"])
     ap.add_argument("--cohorts", type=int, nargs="+", default=[1], help="router.cohorts values to compare")
     ap.add_argument(
         "--offload", nargs="+", default=["on"], choices=["on", "off"], help="router.offload values to compare"
@@ -128,11 +128,13 @@ def main() -> None:
                     ticks.clear()
                     count = max(args.requests, 2 * c)
                     before = router.engine_stats.remote().result()
+                    calls_before = router.transport_stats.remote().result()
                     t0 = time.perf_counter()
                     with ThreadPoolExecutor(c) as pool:
                         list(pool.map(one, range(count)))
                     wall = time.perf_counter() - t0
                     after = router.engine_stats.remote().result()
+                    calls_after = router.transport_stats.remote().result()
                     span = after["at"] - before["at"]
                     busy = [
                         (after["expert_busy_s"].get(k, 0.0) - before["expert_busy_s"].get(k, 0.0)) / span
@@ -161,6 +163,12 @@ def main() -> None:
                             "overhead_p50_ms": round(statistics.median(t["overhead_ms"] for t in unique), 3),
                             "tick_wall_p50_ms": round(statistics.median(t["wall_ms"] for t in unique), 3),
                             "expert_p50_ms": round(statistics.median(t["expert_ms"] for t in unique), 3),
+                            # direct transport: calls that went through the handle (no published port yet)
+                            "handle_fallbacks": sum(
+                                s["calls"].get("handle", 0)
+                                - calls_before.get(app, {}).get("calls", {}).get("handle", 0)
+                                for app, s in calls_after.items()
+                            ),
                             **{
                                 f"{phase}_p50_ms": round(
                                     statistics.median(t[f"{phase}_ms"] for t in unique), 3

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from mode_ray.ports import free_ports
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def start_ray_serve() -> tuple[int, int]:
@@ -23,7 +22,7 @@ def start_ray_serve() -> tuple[int, int]:
     from mode_ray.serve.config import GRPC_SERVICER_FUNCTIONS
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = free_ports(2)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},

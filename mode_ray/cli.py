@@ -12,6 +12,7 @@ from mode_ray.diffusion.samplers import SamplerName
 from mode_ray.generation.params import DEFAULT_NUM_IMAGES
 from mode_ray.models.dit import DIT_PRESETS
 from mode_ray.models.unet import PresetName
+from mode_ray.ports import free_ports
 
 app = typer.Typer(
     help="mode_ray: serve and train a Mixture of Diffusion Experts on Ray.",
@@ -90,18 +91,10 @@ def _ray(address: str | None, num_cpus: int | None, train: bool = False) -> None
             num_cpus=None if joining else num_cpus,
             include_dashboard=train and not joining,
             dashboard_host="127.0.0.1",
-            dashboard_port=_free_port() if train and not joining else None,
+            dashboard_port=free_ports(1)[0] if train and not joining else None,
             log_to_driver=True,
             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_pythonpath())}},
         )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pythonpath() -> list[str]:

@@ -131,6 +131,13 @@ class ExpertDeployment(BaseModel):
         "deletes it, so calls are short; Serve's default of 20 s made every removal take 20 s)",
     )
     emulate: EmulatedLatency | None = Field(None, description="benchmarks: a fixed-latency stand-in expert")
+    direct_host: str | None = Field(
+        None,
+        pattern=r"^(node|[0-9A-Za-z.:\-]{1,253})$",
+        description="each replica also serves OIP on a port of its own at this address, for the router's "
+        "'direct' transport: 'node' (the Ray node's IP: reachable from every node), an IP, or '0.0.0.0'; "
+        "None: off. The router sets 'node' for the experts it deploys when router.transport is 'direct'",
+    )
     resources: dict[str, float] = Field(
         default_factory=dict,
         description="custom Ray resources per replica, e.g. {'accelerator_type:H100': 0.01}",
@@ -242,10 +249,12 @@ class RouterOptions(BaseModel):
         "the event loop that admits requests and sends and receives expert calls",
     )
     fp16_wire: bool = Field(False, description="send x as FP16 to experts (halves bytes; not bit-exact)")
-    transport: Literal["grpc", "handle"] = Field(
-        "handle",
-        description="how the router reaches experts deployed here: 'grpc' (OIP through the Serve gRPC proxy) "
-        "or 'handle' (Serve DeploymentHandle, numpy over Ray's object store); external endpoints are gRPC",
+    transport: Literal["grpc", "handle", "direct"] = Field(
+        "direct",
+        description="how the router reaches experts deployed here: 'grpc' (OIP through the Serve gRPC proxy), "
+        "'handle' (Serve DeploymentHandle, numpy over Ray's object store) or 'direct' (OIP straight to each "
+        "replica's own port, rows balanced by rows in flight; the handle until a replica publishes its port); "
+        "external endpoints are gRPC",
     )
 
 

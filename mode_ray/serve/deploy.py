@@ -50,6 +50,7 @@ def server_args(config: ExpertDeployment) -> tuple[Any, ...]:
         emulate,
         config.chunk_rows,
         config.max_call_rows,
+        config.direct_host,
     )
 
 

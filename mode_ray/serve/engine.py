@@ -422,6 +422,10 @@ class StepEngine:
         remaining = max(groups[call.group][i][0].deadline for i in call.parts) - time.monotonic()
         return max(0.05, min(self.options.call_timeout_s, remaining))
 
+    def unavailable(self) -> list[str]:
+        """Experts skipped now: their last call failed twice and they have not answered ModelReady since."""
+        return sorted({c.name for c, probe in self._unavailable.items() if not probe.done()})
+
     async def _call_with_retry(self, call: _Call, plan: BatchPlan, timeout: float) -> ExpertReply | Exception:
         probe = self._unavailable.get(call.client)
         if probe is not None:

@@ -45,6 +45,7 @@ from mode_ray.models.checkpoint import Expert, load_card, load_expert
 from mode_ray.models.emulated import EmulatedDenoiser
 from mode_ray.proto.inference import grpc_predict_v2_pb2 as pb
 from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
+from mode_ray.serve.direct import DirectServer
 from mode_ray.serve.errors import ExpertCallError
 from mode_ray.serve.metrics import ExpertMetrics
 from mode_ray.serve.oip import OipError, datatype_of, decode_infer_request, encode_infer_response
@@ -114,7 +115,9 @@ class ExpertServer:
 
     Loaded once per replica; `device=None` takes MODE_RAY_DEVICE, else cuda when torch sees a GPU, else cpu.
     `expert_dir=None` starts without an expert (a warm-pool replica, `WarmExpertServer`): it answers
-    ServerLive, and ModelReady false, until `_load` gives it one.
+    ServerLive, and ModelReady false, until `_load` gives it one. `direct_host` (in a Serve replica): also
+    serve OIP on a port of its own at that host, published for the router's `direct` transport once the
+    replica holds an expert (mode_ray.serve.direct).
     """
 
     def __init__(
@@ -126,8 +129,10 @@ class ExpertServer:
         emulate: dict[str, float] | None = None,
         chunk_rows: int = 128,
         max_call_rows: int = 2048,
+        direct_host: str | None = None,
     ) -> None:
         self._expert: Expert | None = None
+        self._direct: DirectServer | None = None
         self.name: str | None = None
         self._chunk_rows, self._max_call_rows = chunk_rows, max_call_rows
         self._batching = (max_batch_size, batch_wait_timeout_s)
@@ -151,8 +156,17 @@ class ExpertServer:
         # since start, for the autoscaling stats: forward-pass seconds, seconds calls waited for a pass, rows
         self._busy_s, self._wait_s, self._rows = 0.0, 0.0, 0
         self._reported = (time.monotonic(), 0.0, 0.0, 0)
+        if direct_host is not None and self._in_serve:
+            # Serve runs a constructor on the replica's event loop, where the methods and @serve.batch run
+            self._direct = DirectServer(self, direct_host)
+            self._direct_task = asyncio.get_running_loop().create_task(self._start_direct())
         if expert_dir is not None:
             self._load(expert_dir)
+
+    async def _start_direct(self) -> None:
+        await self._direct.start()
+        if self._expert is not None:
+            await asyncio.to_thread(self._direct.publish)
 
     def _load(self, expert_dir: str) -> None:
         """Load the expert in `expert_dir` (card + safetensors) and set up its batch queue and metrics."""
@@ -178,6 +192,8 @@ class ExpertServer:
         self._metrics = ExpertMetrics(self.card.name, self._in_serve)  # no-ops in mode_ray.serve.standalone
         self.name = self.card.name
         self._expert = expert  # last: the replica reports ready from here on
+        if self._direct is not None:
+            self._direct.publish()  # a no-op until its server has started (which then publishes)
         logger.info(
             "expert %r v%s loaded from %s on %s in %.2fs (torch threads %d, max_batch_size %d, wait %.4fs)",
             self.name,
@@ -242,6 +258,9 @@ class ExpertServer:
             raise RuntimeError("expert model is not loaded")
 
     def __del__(self) -> None:
+        direct = getattr(self, "_direct", None)
+        if direct is not None:  # Serve stops this replica: routers stop calling it directly
+            direct.unpublish()
         executor = getattr(self, "_executor", None)
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)

@@ -38,6 +38,13 @@ else:
 
 ParamValue = bool | int | float | str
 
+# gRPC channel / server options of every OIP hop the router makes (a tick's call can carry many rows)
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+GRPC_MESSAGE_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
 __all__ = [
     "DATATYPES",
     "OipError",

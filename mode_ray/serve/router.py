@@ -45,6 +45,7 @@ from mode_ray.serve.config import (
     expert_deployment_of,
     is_warm_app,
 )
+from mode_ray.serve.direct import NODE, unpublish_app
 from mode_ray.serve.engine import StepEngine
 from mode_ray.serve.errors import AddCancelled, ExpertCallError
 from mode_ray.serve.registry import ExpertEntry, Snapshot
@@ -293,7 +294,10 @@ class Router:
                     started = time.monotonic()
                     try:
                         await asyncio.to_thread(
-                            deploy_warm, app, actor_name(self.args.state_dir), self.args.expert
+                            deploy_warm,
+                            app,
+                            actor_name(self.args.state_dir),
+                            self._with_transport(self.args.expert),
                         )
                     except Exception as e:  # noqa: BLE001 - e.g. no resources for it now: try again later
                         await actor.slot_failed.remote(app)
@@ -397,6 +401,7 @@ class Router:
         from mode_ray.serve.deploy import deploy_expert, serve_status
         from mode_ray.serve.warm_pool import deploy_warm
 
+        deployment = self._with_transport(deployment)
         status = serve_status().applications.get(app)
         if status is not None and status.status.value == "RUNNING":
             return
@@ -405,6 +410,13 @@ class Router:
             return
         default = app == expert_app_name(load_card(path).name)
         deploy_expert(path, deployment, cancelled=cancelled, app=None if default else app)
+
+    def _with_transport(self, deployment: ExpertDeployment) -> ExpertDeployment:
+        """The deployment as this router's transport needs it: with 'direct', replicas publish their own OIP
+        port (on the node's IP unless the deployment names a host)."""
+        if self.args.router.transport == "direct" and deployment.direct_host is None:
+            return deployment.model_copy(update={"direct_host": NODE})
+        return deployment
 
     @staticmethod
     async def _delete_app(entry: ExpertEntry | str) -> None:
@@ -421,6 +433,7 @@ class Router:
             with SERVE_API_LOCK:
                 if app in serve.status().applications:
                     serve.delete(app)
+            unpublish_app(app)  # addresses of replicas that died without a goodbye
 
         await asyncio.to_thread(delete)
 
@@ -722,8 +735,23 @@ class Router:
             "active": active,
             "queued": queued,
             "rows_per_s": e.rows_per_s,
+            "unavailable": e.unavailable(),
             "at": time.monotonic(),
         }
+
+    async def transport_stats(self) -> dict[str, dict]:
+        """Per expert application: the transport's calls each way and, for 'direct', the replica addresses
+        it calls (what the transport tests and benchmarks check)."""
+        out: dict[str, dict] = {}
+        for client in self._clients.values():
+            app = getattr(client, "app", None) or client.name
+            out[app] = {
+                "transport": type(client).__name__,
+                "calls": dict(getattr(client, "calls", {})),
+                "addresses": client.addresses() if hasattr(client, "addresses") else [],
+                "rows_sent": dict(getattr(client, "rows_sent", {})),
+            }
+        return out
 
     async def check_health(self) -> None:
         if self._started.done() and self._started.exception() is not None:

@@ -1,9 +1,12 @@
-"""The router's transport to experts: one small `ExpertClient` interface, two implementations.
+"""The router's transport to experts: one small `ExpertClient` interface, three implementations.
 
 - `GrpcExpertClient`: Open Inference Protocol `ModelInfer` over grpc.aio, through the Serve gRPC proxy
   (metadata `application=expert-<name>`) or straight to any OIP endpoint (Triton, KServe, standalone).
 - `HandleExpertClient`: a Serve `DeploymentHandle` call of the expert's `infer_arrays` (Ray actor RPC, numpy
   payloads through the object store, no proxy hop, no protobuf). Only for experts deployed on this cluster.
+- `DirectExpertClient`: OIP `ModelInfer` over grpc.aio straight to the expert's replicas, each on its own port
+  (mode_ray.serve.direct), rows balanced by the rows each replica has in flight; the handle while no replica
+  has published an address (or none answers).
 
 Every reply carries the time split the router's per-tick breakdown needs (`ExpertReply`). (The user-facing
 HTTP client of a cluster is `mode_ray.client`.)
@@ -25,11 +28,17 @@ from mode_ray.proto.inference import grpc_predict_v2_pb2 as pb
 from mode_ray.proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from mode_ray.serve.config import expert_app_name, expert_deployment_of
 from mode_ray.serve.errors import ExpertCallError
-from mode_ray.serve.oip import decode_infer_response, decode_parameters, encode_infer_request
+from mode_ray.serve.oip import (
+    GRPC_MESSAGE_OPTIONS,
+    decode_infer_response,
+    decode_parameters,
+    encode_infer_request,
+)
 
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _CHANNELS: dict[str, grpc.aio.Channel] = {}
-Transport = Literal["grpc", "handle"]
+Transport = Literal["grpc", "handle", "direct"]
+DEAD_ADDRESS_S = 30.0  # an address that refused a connection is skipped this long
+LIST_EVERY_S = 1.0  # how often a direct client reads the addresses its expert's replicas published
 
 
 @dataclass(frozen=True)
@@ -68,13 +77,7 @@ class ExpertClient(Protocol):
 def channel(target: str) -> grpc.aio.Channel:
     """One shared channel per target and event loop process (HTTP/2 multiplexes concurrent calls)."""
     if target not in _CHANNELS:
-        _CHANNELS[target] = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        _CHANNELS[target] = grpc.aio.insecure_channel(target, options=GRPC_MESSAGE_OPTIONS)
     return _CHANNELS[target]
 
 
@@ -209,6 +212,104 @@ class HandleExpertClient:
         return await self._oip.ready(timeout)
 
 
+class DirectExpertClient:
+    """OIP `ModelInfer` straight to the replicas of Serve application `app` (their published addresses, read
+    at most every LIST_EVERY_S in a worker thread, never on the call's path). Each call goes to the replica
+    with the fewest rows in flight from this router; a replica that cannot be reached (UNAVAILABLE) is
+    skipped for DEAD_ADDRESS_S (its published key deleted when nothing listens there) and the call goes to
+    the next one, or through the handle when none is left.
+    `calls` counts the calls each way (`direct`, `handle`)."""
+
+    def __init__(self, name: str, proxy_target: str, fp16: bool = False, app: str | None = None) -> None:
+        self.name, self.fp16 = name, fp16
+        self.app = app or expert_app_name(name)
+        self._handle = HandleExpertClient(name, proxy_target, fp16, self.app)
+        self._replicas: dict[str, GrpcExpertClient] = {}  # address -> client
+        self._in_flight: dict[str, int] = {}  # address -> rows sent and not yet answered
+        self._dead: dict[str, float] = {}  # address -> monotonic time until which it is skipped
+        self._listed_at = -float("inf")
+        self._listing: asyncio.Task | None = None
+        self.calls = {"direct": 0, "handle": 0}
+        self.rows_sent: dict[str, int] = {}  # address -> rows answered there
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._listed_at < LIST_EVERY_S or self._listing is not None:
+            return
+        self._listed_at = now
+        self._listing = asyncio.get_running_loop().create_task(self._list())
+
+    async def _list(self) -> None:
+        from mode_ray.serve.direct import published
+
+        try:
+            addresses = await asyncio.to_thread(published, self.app)
+        except Exception:  # noqa: BLE001 - the GCS briefly unreachable: keep the last list, try again
+            addresses = list(self._replicas)
+        finally:
+            self._listing = None
+        for gone in set(self._replicas) - set(addresses):
+            self._replicas.pop(gone)
+            self._in_flight.pop(gone, None)
+        for address in addresses:
+            if address not in self._replicas:
+                self._replicas[address] = GrpcExpertClient(self.name, address, None, self.fp16)
+                self._in_flight[address] = 0
+
+    async def _forget(self, address: str) -> None:
+        from mode_ray.serve.direct import forget
+
+        try:
+            await asyncio.to_thread(forget, self.app, address)
+        except Exception:  # noqa: BLE001 - the GCS briefly unreachable: the address stays skipped meanwhile
+            pass
+
+    def addresses(self) -> list[str]:
+        """The replicas' addresses this client knows (published, not skipped as dead)."""
+        now = time.monotonic()
+        return [a for a in self._replicas if self._dead.get(a, 0.0) <= now]
+
+    async def infer(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None, timeout: float
+    ) -> ExpertReply:
+        self._refresh()
+        while live := self.addresses():
+            address = min(live, key=lambda a: self._in_flight[a])
+            rows = int(x.shape[0])
+            self._in_flight[address] += rows
+            try:
+                reply = await self._replicas[address].infer(x, sigma, cond, timeout)
+            except ExpertCallError as e:
+                if e.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self._dead[address] = time.monotonic() + DEAD_ADDRESS_S  # a stopped replica: next one
+                if "connection refused" in str(e).lower():  # nothing listens there: a killed replica's key
+                    asyncio.get_running_loop().create_task(self._forget(address))
+                continue
+            finally:
+                if address in self._in_flight:
+                    self._in_flight[address] -= rows
+            self.calls["direct"] += 1
+            self.rows_sent[address] = self.rows_sent.get(address, 0) + rows
+            return reply
+        self.calls["handle"] += 1
+        return await self._handle.infer(x, sigma, cond, timeout)
+
+    async def refresh(self) -> list[str]:
+        """Read the published addresses now (the router does before an expert's first call); returns the
+        live ones."""
+        self._listed_at = time.monotonic()
+        await self._list()
+        return self.addresses()
+
+    async def ready(self, timeout: float = 5.0) -> bool:
+        """ModelReady from a replica's own port (the first that says so), else through the proxy."""
+        for address in await self.refresh():
+            if await self._replicas[address].ready(timeout):
+                return True
+        return await self._handle.ready(timeout)
+
+
 def client_for(
     name: str,
     endpoint: str,
@@ -223,4 +324,6 @@ def client_for(
         return GrpcExpertClient(name, endpoint, None, fp16)
     if transport == "handle":
         return HandleExpertClient(name, proxy_target, fp16, app)
+    if transport == "direct":
+        return DirectExpertClient(name, proxy_target, fp16, app)
     return GrpcExpertClient(name, proxy_target, app or expert_app_name(name), fp16)

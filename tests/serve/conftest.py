@@ -11,7 +11,6 @@ is 1 CPU per replica and the session cluster only has 2.
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from mode_ray.ports import free_ports
 from mode_ray.serve.config import GRPC_SERVICER_FUNCTIONS  # noqa: E402  (imported by the gRPC proxy actor)
 
 
@@ -37,19 +37,13 @@ class ServeCluster:
         return f"http://127.0.0.1:{self.http_port}"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def serve_cluster(ray_session: None) -> Iterator[ServeCluster]:
     """Serve on the session's Ray (see tests/conftest.py), HTTP and gRPC proxies on free loopback ports."""
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_ports(2)
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -68,12 +67,6 @@ def prepare_environment(work: Path) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))  # replicas must import mode_ray
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_mixture(root: Path) -> Path:
@@ -229,7 +222,9 @@ def run(work: Path, timings: dict[str, float]) -> dict:
         from mode_ray.serve.config import APP_NAME, GRPC_SERVICER_FUNCTIONS, AppArgs, expert_app_name
 
         t = time.monotonic()
-        http_port, grpc_port = free_port(), free_port()
+        from mode_ray.ports import free_ports
+
+        http_port, grpc_port = free_ports(2)
         serve.start(
             proxy_location="HeadOnly",  # see the module doc
             http_options={"host": "127.0.0.1", "port": http_port},

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from mode_ray.generation import GenerateParams, generate_local, load_bundle
+from mode_ray.proto.inference import grpc_predict_v2_pb2 as pb
 from mode_ray.proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from mode_ray.proto.mode_ray.v1 import generation_pb2 as gen
 from mode_ray.proto.mode_ray.v1 import generation_pb2_grpc as gen_grpc
@@ -522,10 +523,13 @@ def test_requests_whose_router_replica_dies_run_again_with_the_same_images(clust
         assert (images_of(r) - expected).abs().max() <= 1e-5
 
 
-def test_the_grpc_transport_is_exact_fails_no_request_and_reports_its_time(cluster) -> None:  # noqa: ANN001
-    """The router redeployed with transport 'grpc' (OIP through the Serve gRPC proxy; the module's cluster
-    uses the default, 'handle'): the same images as in-process, the same fault handling, and the per-tick
-    breakdown in the reply."""
+@pytest.mark.parametrize("transport", ["grpc", "handle"])
+def test_every_other_transport_is_exact_fails_no_request_and_reports_its_time(
+    cluster, transport: str
+) -> None:  # noqa: ANN001
+    """The router redeployed with transport 'grpc' (OIP through the Serve gRPC proxy) or 'handle' (Serve
+    DeploymentHandle; the module's cluster uses the default, 'direct'): the same images as in-process, the
+    same fault handling, and the per-tick breakdown in the reply."""
     import ray
     from ray import serve
 
@@ -537,7 +541,7 @@ def test_the_grpc_transport_is_exact_fails_no_request_and_reports_its_time(clust
         state_dir=model / "state",
         grpc_target=sc.grpc_target,
         expert={"num_cpus": 0.1, "max_replicas": 1, "batch_wait_timeout_s": 0.001},
-        router={"num_cpus": 0.1, "call_timeout_s": 3.0, "transport": "grpc"},
+        router={"num_cpus": 0.1, "call_timeout_s": 3.0, "transport": transport},
     )
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")  # the expert apps keep running
     try:
@@ -571,14 +575,114 @@ def test_the_grpc_transport_is_exact_fails_no_request_and_reports_its_time(clust
         rows = [row for step in out["result"].trace for row in step.rows]
         assert len(out["result"].trace) == 79 and all(abs(sum(r.weights) - 1) < 1e-5 for r in rows)
         assert all(list(r.experts) == ["a"] for r in rows if r.dropped_mass > 0)
-    finally:
+        stats = serve.get_deployment_handle("Router", app_name=APP_NAME).transport_stats.remote().result()
+        kind = {"grpc": "GrpcExpertClient", "handle": "HandleExpertClient"}[transport]
+        assert {s["transport"] for s in stats.values()} == {kind}
+    finally:  # back to the module's router (the default transport)
         serve.run(
             build_app(
-                args.model_copy(update={"router": args.router.model_copy(update={"transport": "handle"})})
+                args.model_copy(update={"router": args.router.model_copy(update={"transport": "direct"})})
             ),
             name=APP_NAME,
             route_prefix="/",
         )
+
+
+def test_the_direct_transport_calls_each_replica_on_its_own_port_exactly_and_survives_a_kill(cluster) -> None:  # noqa: ANN001
+    """transport 'direct' (the default, the module's cluster): the experts' replicas publish an OIP port of
+    their own and the router calls them there (the handle only before its first listing): the same images as
+    in-process; the published port is a plain OIP server answering what the proxy answers; a replica killed
+    mid-request is skipped, the request succeeds, and the restarted replica's new port is called."""
+    import ray
+    from ray import serve
+
+    from mode_ray.serve.direct import published
+
+    sc, model = cluster
+    mixture = ("a", "b", "c")
+    router = serve.get_deployment_handle("Router", app_name=APP_NAME)
+    bundle = load_bundle(model)
+    warm = {"prompt": 1, "num_images": 1, "seed": 0, "steps": 2, "experts": list(mixture), "top_k": 3}
+    assert post(sc.http_url, {**warm, "output": "json"}).status_code == 200
+    before = {f"expert-{n}": router.transport_stats.remote().result()[f"expert-{n}"] for n in mixture}
+    for app, stats in before.items():  # (a replica killed by an earlier test may have left its key)
+        assert stats["transport"] == "DirectExpertClient"
+        assert stats["addresses"] and set(stats["addresses"]) <= set(published(app)), stats
+
+    requests = [
+        {"prompt": 2, "num_images": 2, "seed": 1, "top_k": 1, "timing": True},
+        {"num_images": 1, "seed": 3, "top_k": 2, "sampler": "dpmpp_2m", "steps": 5},
+    ]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        responses = list(pool.map(lambda b: post(sc.http_url, {**b, "output": "json"}), requests))
+    for body, response in zip(requests, responses, strict=True):
+        assert response.status_code == 200, response.text
+        params = GenerateParams(**{k: v for k, v in body.items() if k != "timing"})
+        expected = generate_local(bundle.mixture, bundle.config, params).images
+        assert (images_of(response) - expected).abs().max() <= 1e-5
+    assert all(t["expert_ms"] > 0 for t in responses[0].json()["timing"])
+    after = {app: router.transport_stats.remote().result()[app] for app in before}
+    for app in after:  # every call of these requests went straight to a replica
+        assert after[app]["calls"]["handle"] == before[app]["calls"]["handle"], (app, before, after)
+    assert sum(a["calls"]["direct"] - before[k]["calls"]["direct"] for k, a in after.items()) > 0
+
+    # the published port is an OIP server of its own: the same answer as through the proxy
+    x = torch.randn(2, 1, 28, 28).numpy()
+    sigma, cond = np.array([0.5, 3.0], np.float32), np.eye(10, dtype=np.float32)[[3, 7]]
+    request = encode_infer_request("a", {"x": x, "sigma": sigma, "cond": cond}, outputs=["x0_hat"])
+    with grpc.insecure_channel(published("expert-a")[0]) as channel:
+        own = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    with grpc.insecure_channel(sc.grpc_target) as channel:
+        proxied = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, metadata=(("application", "expert-a"),), timeout=30
+        )
+    np.testing.assert_array_equal(
+        decode_infer_response(own)["x0_hat"], decode_infer_response(proxied)["x0_hat"]
+    )
+
+    (killed,) = [a for a in published("expert-b") if answers(a)]  # max_replicas 1
+    first, out = threading.Event(), {}
+    stream = gen.GenerateRequest(
+        prompt="5", num_images=1, seed=3, steps=40, experts=["a", "b"], output="raw", deadline_s=150
+    )
+    thread = stream_in_thread(sc.grpc_target, stream, first, out)
+    assert first.wait(120) and "error" not in out, out.get("error")
+    ray.kill(replica_actors("expert-b")[0], no_restart=False)
+    thread.join(170)
+    assert "error" not in out, out.get("error")
+    rows = [row for step in out["result"].trace for row in step.rows]
+    assert len(out["result"].trace) == 79 and all(abs(sum(r.weights) - 1) < 1e-5 for r in rows)
+    deadline = time.monotonic() + 120  # Serve starts a new replica, which publishes its own port, and
+    while (
+        not (fresh := [a for a in published("expert-b") if a != killed])
+        or "b"
+        in (
+            router.engine_stats.remote().result()["unavailable"]  # the engine sees it answer ModelReady
+        )
+    ):
+        assert time.monotonic() < deadline, "the restarted replica never published its port"
+        time.sleep(0.2)
+    calls = router.transport_stats.remote().result()["expert-b"]["calls"]["direct"]
+    pinned = {"prompt": 8, "num_images": 1, "seed": 2, "steps": 3, "experts": ["b"], "output": "json"}
+    deadline = time.monotonic() + 30  # the router lists the new address within a second
+    while fresh[0] not in router.transport_stats.remote().result()["expert-b"]["addresses"]:
+        r = post(sc.http_url, pinned)
+        assert r.status_code == 200, r.text
+        assert time.monotonic() < deadline, "the router never called the restarted replica's port"
+    assert post(sc.http_url, pinned).status_code == 200
+    stats = router.transport_stats.remote().result()["expert-b"]
+    assert killed not in stats["addresses"] and stats["calls"]["direct"] > calls
+
+
+def answers(address: str) -> bool:
+    """An OIP server listens at `address` (ServerLive within 5 s)."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            return (
+                oip_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=5).live
+            )
+    except grpc.RpcError:
+        return False
 
 
 def test_a_redeployed_router_redeploys_a_missing_expert_app(cluster) -> None:  # noqa: ANN001

@@ -1,5 +1,6 @@
-"""ModelInfer latency of one expert, through the Serve gRPC proxy and straight to a plain OIP server
-(mode_ray.serve.standalone), side by side in one run. Moved here from the tests: timings are measured by
+"""ModelInfer latency of one expert, through the Serve gRPC proxy, straight to the Serve replica's own port
+(the router's `direct` transport) and to a plain OIP server (mode_ray.serve.standalone), side by side in one
+run; then the same two Serve paths with a zero-latency emulated expert, which leaves the transport alone. Moved here from the tests: timings are measured by
 hand, never asserted.
 
     .venv/bin/python benchmarks/bench_model_infer.py [--calls 200] [--out benchmarks/results/model_infer.md]
@@ -76,6 +77,7 @@ def main() -> None:
 
     from mode_ray.serve.config import GRPC_SERVICER_FUNCTIONS, ExpertDeployment
     from mode_ray.serve.deploy import deploy_expert
+    from mode_ray.serve.direct import published
     from mode_ray.serve.standalone import serve_expert
 
     lines = [
@@ -102,11 +104,28 @@ def main() -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
         try:
-            deploy_expert(expert, ExpertDeployment(num_cpus=1, max_replicas=1))
             md = (("application", "expert-probe"),)
-            for b in (1, 32):
-                samples = asyncio.run(measure(f"127.0.0.1:{grpc_port}", md, b, args.calls))
-                lines.append(row("Serve gRPC proxy -> replica", b, samples))
+            for label, emulate in (("", None), (", emulated 0 ms expert", {"base_ms": 0, "per_row_ms": 0})):
+                deploy_expert(
+                    expert,
+                    ExpertDeployment(num_cpus=1, max_replicas=1, direct_host="127.0.0.1", emulate=emulate),
+                )
+                for _ in range(100):  # the replica publishes its own port once it holds the expert
+                    if published("expert-probe"):
+                        break
+                    time.sleep(0.1)
+                (own,) = published("expert-probe")
+                for b in (1, 32):
+                    samples = asyncio.run(measure(f"127.0.0.1:{grpc_port}", md, b, args.calls))
+                    lines.append(row(f"Serve gRPC proxy -> replica{label}", b, samples))
+                    lines.append(
+                        row(
+                            f"replica's own port (direct){label}",
+                            b,
+                            asyncio.run(measure(own, (), b, args.calls)),
+                        )
+                    )
+                serve.delete("expert-probe")
         finally:
             serve.shutdown()
             ray.shutdown()

@@ -170,9 +170,11 @@ def test_save_load_and_check_round_trip(tmp_path) -> None:  # noqa: ANN001
     loaded = load_expert(path)
     assert isinstance(loaded.denoiser.net, DiT) and loaded.denoiser.net.config == TEXT
     assert loaded.card.parameters == sum(p.numel() for p in model.parameters())
+    saved, back = model.state_dict(), loaded.denoiser.state_dict()
+    assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved)  # bit for bit
     x, sigma, cond = torch.randn(3, 1, 8, 8), torch.tensor([0.2, 1.0, 6.0]), text_cond(3, [2, 0, 3])
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.denoiser(x, sigma, cond), model(x, sigma, cond), rtol=0, atol=0)
+    with torch.no_grad():  # the same weights at other addresses: CPU kernels may pick another (aligned) path
+        torch.testing.assert_close(loaded.denoiser(x, sigma, cond), model(x, sigma, cond), rtol=0, atol=1e-6)
 
 
 def test_a_bad_backbone_config_names_the_expert_and_field() -> None:

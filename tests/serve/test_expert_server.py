@@ -99,7 +99,7 @@ def test_build_expert_app_validates_args(tmp_path):
     deployment = app._bound_deployment
     assert deployment.name == "Expert-tiny"
     assert deployment.ray_actor_options["num_cpus"] == 0.5
-    assert app._bound_deployment.init_args == (str(expert_dir), 8, 0.0, None, None, 128, 2048)
+    assert app._bound_deployment.init_args == (str(expert_dir), 8, 0.0, None, None, 128, 2048, None)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -59,7 +59,10 @@ def test_served_text_prompts_equal_the_in_process_mixture(cluster) -> None:  # n
         for body, response in zip(requests, responses, strict=True):
             assert response.status_code == 200, response.text
             expected = generate_local(bundle.mixture, bundle.config, GenerateParams(**body)).images
-            assert (GenerationResult.from_json(response.json()).images - expected).abs().max() <= 1e-5
+            # 1e-4, not the 1e-5 of the class-label cluster: on an AVX2-only host (AMD EPYC, 2026-12-02) the
+            # guided 2-image request differs by 3.8e-5 under both the handle and the direct transport (the same
+            # value every run: kernel paths that depend on the merged batch's size, not the wire)
+            assert (GenerationResult.from_json(response.json()).images - expected).abs().max() <= 1e-4
         routed = {
             name for r in responses for step in r.json()["trace"] for row in step["experts"] for name in row
         }

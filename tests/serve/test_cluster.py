@@ -523,6 +523,24 @@ def test_requests_whose_router_replica_dies_run_again_with_the_same_images(clust
         assert (images_of(r) - expected).abs().max() <= 1e-5
 
 
+def two_concurrent_requests_equal_in_process(sc, model) -> list[httpx.Response]:  # noqa: ANN001
+    """Two requests at once (their rows share expert calls; the first with the per-tick timing): each gives the
+    in-process mixture's images to 1e-5. Returns the responses."""
+    bundle = load_bundle(model)
+    requests = [
+        {"prompt": 2, "num_images": 2, "seed": 1, "top_k": 1, "timing": True},
+        {"num_images": 1, "seed": 3, "top_k": 2, "sampler": "dpmpp_2m", "steps": 5},
+    ]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        responses = list(pool.map(lambda b: post(sc.http_url, {**b, "output": "json"}), requests))
+    for body, response in zip(requests, responses, strict=True):
+        assert response.status_code == 200, response.text
+        params = GenerateParams(**{k: v for k, v in body.items() if k != "timing"})
+        expected = generate_local(bundle.mixture, bundle.config, params).images
+        assert (images_of(response) - expected).abs().max() <= 1e-5
+    return responses
+
+
 @pytest.mark.parametrize("transport", ["grpc", "handle"])
 def test_every_other_transport_is_exact_fails_no_request_and_reports_its_time(
     cluster, transport: str
@@ -545,18 +563,7 @@ def test_every_other_transport_is_exact_fails_no_request_and_reports_its_time(
     )
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")  # the expert apps keep running
     try:
-        bundle = load_bundle(model)
-        requests = [
-            {"prompt": 2, "num_images": 2, "seed": 1, "top_k": 1, "timing": True},
-            {"num_images": 1, "seed": 3, "top_k": 2, "sampler": "dpmpp_2m", "steps": 5},
-        ]
-        with ThreadPoolExecutor(len(requests)) as pool:
-            responses = list(pool.map(lambda b: post(sc.http_url, {**b, "output": "json"}), requests))
-        for body, response in zip(requests, responses, strict=True):
-            assert response.status_code == 200, response.text
-            params = GenerateParams(**{k: v for k, v in body.items() if k != "timing"})
-            expected = generate_local(bundle.mixture, bundle.config, params).images
-            assert (images_of(response) - expected).abs().max() <= 1e-5
+        responses = two_concurrent_requests_equal_in_process(sc, model)
         timing = responses[0].json()["timing"]
         assert len(timing) == len(responses[0].json()["trace"])  # one breakdown per evaluation
         assert all(t["expert_ms"] > 0 and t["calls"] >= 1 and t["rows"] >= 2 for t in timing)
@@ -601,7 +608,6 @@ def test_the_direct_transport_calls_each_replica_on_its_own_port_exactly_and_sur
     sc, model = cluster
     mixture = ("a", "b", "c")
     router = serve.get_deployment_handle("Router", app_name=APP_NAME)
-    bundle = load_bundle(model)
     warm = {"prompt": 1, "num_images": 1, "seed": 0, "steps": 2, "experts": list(mixture), "top_k": 3}
     assert post(sc.http_url, {**warm, "output": "json"}).status_code == 200
     before = {f"expert-{n}": router.transport_stats.remote().result()[f"expert-{n}"] for n in mixture}
@@ -609,17 +615,7 @@ def test_the_direct_transport_calls_each_replica_on_its_own_port_exactly_and_sur
         assert stats["transport"] == "DirectExpertClient"
         assert stats["addresses"] and set(stats["addresses"]) <= set(published(app)), stats
 
-    requests = [
-        {"prompt": 2, "num_images": 2, "seed": 1, "top_k": 1, "timing": True},
-        {"num_images": 1, "seed": 3, "top_k": 2, "sampler": "dpmpp_2m", "steps": 5},
-    ]
-    with ThreadPoolExecutor(len(requests)) as pool:
-        responses = list(pool.map(lambda b: post(sc.http_url, {**b, "output": "json"}), requests))
-    for body, response in zip(requests, responses, strict=True):
-        assert response.status_code == 200, response.text
-        params = GenerateParams(**{k: v for k, v in body.items() if k != "timing"})
-        expected = generate_local(bundle.mixture, bundle.config, params).images
-        assert (images_of(response) - expected).abs().max() <= 1e-5
+    responses = two_concurrent_requests_equal_in_process(sc, model)
     assert all(t["expert_ms"] > 0 for t in responses[0].json()["timing"])
     after = {app: router.transport_stats.remote().result()[app] for app in before}
     for app in after:  # every call of these requests went straight to a replica

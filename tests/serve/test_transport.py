@@ -78,7 +78,6 @@ def test_the_direct_client_balances_rows_over_published_replicas_and_forgets_a_r
             client = DirectExpertClient("t", "127.0.0.1:1", app=app)
             assert await client.ready(5)  # lists the addresses: the first call already goes straight there
             replies = await asyncio.gather(*(client.infer(x, sigma, cond, 30) for x in xs))
-            await asyncio.sleep(0)  # let the key deletion start
             for _ in range(100):
                 if len(published(app)) == 2:
                     break

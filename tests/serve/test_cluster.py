@@ -523,6 +523,25 @@ def test_requests_whose_router_replica_dies_run_again_with_the_same_images(clust
         assert (images_of(r) - expected).abs().max() <= 1e-5
 
 
+def b_killed_mid_stream(sc) -> list:  # noqa: ANN001
+    """A stream pinned to a and b (heun 40 steps) during which b's replica is killed: it succeeds, every
+    evaluation combined and renormalised. Returns the trace's rows."""
+    import ray
+
+    first, out = threading.Event(), {}
+    request = gen.GenerateRequest(
+        prompt="5", num_images=1, seed=3, steps=40, experts=["a", "b"], output="raw", deadline_s=150
+    )
+    thread = stream_in_thread(sc.grpc_target, request, first, out)
+    assert first.wait(120) and "error" not in out, out.get("error")
+    ray.kill(replica_actors("expert-b")[0], no_restart=False)
+    thread.join(170)
+    assert "error" not in out, out.get("error")
+    rows = [row for step in out["result"].trace for row in step.rows]
+    assert len(out["result"].trace) == 79 and all(abs(sum(r.weights) - 1) < 1e-5 for r in rows)
+    return rows
+
+
 def two_concurrent_requests_equal_in_process(sc, model) -> list[httpx.Response]:  # noqa: ANN001
     """Two requests at once (their rows share expert calls; the first with the per-tick timing): each gives the
     in-process mixture's images to 1e-5. Returns the responses."""
@@ -548,7 +567,6 @@ def test_every_other_transport_is_exact_fails_no_request_and_reports_its_time(
     """The router redeployed with transport 'grpc' (OIP through the Serve gRPC proxy) or 'handle' (Serve
     DeploymentHandle; the module's cluster uses the default, 'direct'): the same images as in-process, the
     same fault handling, and the per-tick breakdown in the reply."""
-    import ray
     from ray import serve
 
     from mode_ray.serve.app import build_app
@@ -570,17 +588,7 @@ def test_every_other_transport_is_exact_fails_no_request_and_reports_its_time(
         assert all(t["wall_ms"] >= t["gate_ms"] + t["plan_ms"] + t["combine_ms"] for t in timing)
         assert "timing" not in responses[1].json()
 
-        first, out = threading.Event(), {}
-        request = gen.GenerateRequest(
-            prompt="5", num_images=1, seed=3, steps=40, experts=["a", "b"], output="raw", deadline_s=150
-        )
-        thread = stream_in_thread(sc.grpc_target, request, first, out)
-        assert first.wait(120) and "error" not in out, out.get("error")
-        ray.kill(replica_actors("expert-b")[0], no_restart=False)
-        thread.join(170)
-        assert "error" not in out, out.get("error")
-        rows = [row for step in out["result"].trace for row in step.rows]
-        assert len(out["result"].trace) == 79 and all(abs(sum(r.weights) - 1) < 1e-5 for r in rows)
+        rows = b_killed_mid_stream(sc)
         assert all(list(r.experts) == ["a"] for r in rows if r.dropped_mass > 0)
         stats = serve.get_deployment_handle("Router", app_name=APP_NAME).transport_stats.remote().result()
         kind = {"grpc": "GrpcExpertClient", "handle": "HandleExpertClient"}[transport]
@@ -600,7 +608,6 @@ def test_the_direct_transport_calls_each_replica_on_its_own_port_exactly_and_sur
     their own and the router calls them there (the handle only before its first listing): the same images as
     in-process; the published port is a plain OIP server answering what the proxy answers; a replica killed
     mid-request is skipped, the request succeeds, and the restarted replica's new port is called."""
-    import ray
     from ray import serve
 
     from mode_ray.serve.direct import published
@@ -637,17 +644,7 @@ def test_the_direct_transport_calls_each_replica_on_its_own_port_exactly_and_sur
     )
 
     (killed,) = [a for a in published("expert-b") if answers(a)]  # max_replicas 1
-    first, out = threading.Event(), {}
-    stream = gen.GenerateRequest(
-        prompt="5", num_images=1, seed=3, steps=40, experts=["a", "b"], output="raw", deadline_s=150
-    )
-    thread = stream_in_thread(sc.grpc_target, stream, first, out)
-    assert first.wait(120) and "error" not in out, out.get("error")
-    ray.kill(replica_actors("expert-b")[0], no_restart=False)
-    thread.join(170)
-    assert "error" not in out, out.get("error")
-    rows = [row for step in out["result"].trace for row in step.rows]
-    assert len(out["result"].trace) == 79 and all(abs(sum(r.weights) - 1) < 1e-5 for r in rows)
+    b_killed_mid_stream(sc)
     deadline = time.monotonic() + 120  # Serve starts a new replica, which publishes its own port, and
     while (
         not (fresh := [a for a in published("expert-b") if a != killed])

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
 from local_serve import start_ray_serve
 
 from mode_ray.cli import DEFAULT_MODEL
@@ -62,6 +63,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32, help="at least this many, and 2x the concurrency")
     ap.add_argument("--base-ms", type=float, default=2.0)
     ap.add_argument("--per-row-ms", type=float, default=0.01)
+    ap.add_argument(
+        "--idle-s", type=float, default=10.0, help="seconds to measure the machine's CPU with no request running"
+    )
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     root = Path(__file__).resolve().parents[1]
@@ -124,6 +128,9 @@ def main() -> None:
                 )
                 router = serve.get_deployment_handle("Router", APP_NAME)
                 one(0)
+                # what the deployed processes cost with nothing to do (Serve's and Ray's background loops):
+                # the cores a many-experts cluster has left for the requests
+                idle_cores = psutil.cpu_percent(interval=args.idle_s) / 100 * psutil.cpu_count()
                 for c in args.concurrency:
                     ticks.clear()
                     count = max(args.requests, 2 * c)
@@ -155,6 +162,7 @@ def main() -> None:
                             "router_replicas": replicas,
                             "concurrency": c,
                             "requests": count,
+                            "idle_cores_busy": round(idle_cores, 2),
                             "images_per_s": round(count / wall, 2),
                             "ticks_per_s": counter("ticks"),
                             "rows_per_s": counter("rows"),

@@ -1,13 +1,15 @@
 """Do the mixture's unconditional samples follow the data, and if not, is it the gate, the experts or top-k?
 
-    python benchmarks/quality_unconditional.py [--model mnist] [--num-samples 2000]
+    python benchmarks/quality_unconditional.py [--model mnist] [--num-samples 2000] [--dense mnist-dense-s]
+        [--sampler heun --steps 18] [--out DIR]
 
 Writes benchmarks/results/quality/unconditional.{md,json} and gate-reliability.png. Not a test: run by hand.
 Samples the shipped mixture unconditionally with its learned gate (top-2 as shipped, and every expert), with
 the *empirical posterior* of the training set as the gate (mode_ray.train.unconditional: the exact
 p(k | x, sigma) a perfect gate would output), each expert alone, and class-conditionally for the FID ratio;
 judges every set with the project's classifier (class shares, chi-square against the data's shares,
-ambiguous share, classifier-FID), and measures the learned gate's calibration per sigma bucket.
+ambiguous share, classifier-FID), and measures the learned gate's calibration per sigma bucket. `--dense`
+samples a dense baseline the same two ways, to tell a mixture's skew from the null condition's.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def main() -> None:
     p.add_argument(
         "--expert-samples", type=int, default=300, help="unconditional samples of each expert alone"
     )
-    p.add_argument("--calibration-n", type=int, default=1000)
+    p.add_argument("--calibration-n", type=int, default=1000, help="0 skips the gate calibration")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--configs", default="learned-top2,learned-all,posterior-top2,posterior-all,experts,conditional"
@@ -51,6 +53,17 @@ def main() -> None:
         help="another learned gate (e.g. from `mode-ray train gate --out`), sampled at top-k (and with every expert "
         "when --configs has gates-all)",
     )
+    p.add_argument(
+        "--dense",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a dense baseline (e.g. mnist-dense-s), sampled unconditionally and class-conditionally",
+    )
+    p.add_argument(
+        "--sampler", default=None, help="override the mixture's sampler (heun, euler, dpmpp_2m, ...)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="override the mixture's number of steps")
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args()
     configs = a.configs.split(",")
@@ -64,20 +77,24 @@ def main() -> None:
     n_exp = len(names)
     reports, started = [], time.time()
 
-    def run(name: str, gate, top_k: int | None, prompt=None, pin=None, n=a.num_samples) -> None:  # noqa: ANN001
-        bundle.mixture.gate = gate
+    def run(name: str, gate, top_k: int | None, prompt=None, pin=None, n=a.num_samples, model=bundle) -> None:  # noqa: ANN001
+        model.mixture.gate = gate
         t0 = time.time()
+        steps = {"steps": a.steps, "sampler": a.sampler}
         if prompt == "each":  # class-conditional: n / C images of every class
             per = n // len(train.class_names)
             parts = [
-                sample(bundle, per, prompt=prompt_for(bundle, c), top_k=top_k, seed=a.seed + c)
+                sample(model, per, prompt=prompt_for(model, c), top_k=top_k, seed=a.seed + c, **steps)
                 for c in range(len(train.class_names))
             ]
             images = torch.cat([x for x, _, _ in parts])
-            weight = {k: round(sum(w.get(k, 0.0) for _, w, _ in parts) / len(parts), 4) for k in names}
+            weight = {
+                k: round(sum(w.get(k, 0.0) for _, w, _ in parts) / len(parts), 4)
+                for k in [c.name for c in model.mixture.cards]
+            }
             spi = sum(s for _, _, s in parts) / len(parts)
         else:
-            images, weight, spi = sample(bundle, n, top_k=top_k, seed=a.seed, experts=pin)
+            images, weight, spi = sample(model, n, top_k=top_k, seed=a.seed, experts=pin, **steps)
         r = share_report(name, images, judge, train, test, weight, spi)
         reports.append(r)
         print(
@@ -106,8 +123,18 @@ def main() -> None:
     if "experts" in configs:
         for name in names:
             run(f"expert {name} alone", learned, None, pin=[name], n=a.expert_samples)
+    for path in a.dense:
+        dense = load_bundle(model_dir(Path(path)))
+        run(f"dense {Path(path).name}, unconditional", dense.mixture.gate, None, model=dense)
+        run(
+            f"dense {Path(path).name}, class-conditional",
+            dense.mixture.gate,
+            None,
+            prompt="each",
+            model=dense,
+        )
     calibration = {}
-    for label, gate in [("shipped", learned), *others.items()]:
+    for label, gate in [("shipped", learned), *others.items()] if a.calibration_n > 0 else []:
         bundle.mixture.gate = gate
         calibration[label] = gate_calibration(bundle, test, posterior, n=a.calibration_n, seed=a.seed)
     bundle.mixture.gate = learned
@@ -115,8 +142,8 @@ def main() -> None:
     meta = {
         "model": a.model,
         "num_samples": a.num_samples,
-        "sampler": bundle.config.sampler,
-        "steps": bundle.config.steps,
+        "sampler": a.sampler or bundle.config.sampler,
+        "steps": a.steps or bundle.config.steps,
         "experts": names,
         "torch_threads": torch.get_num_threads(),
         "minutes": round((time.time() - started) / 60, 1),
@@ -128,7 +155,8 @@ def main() -> None:
         + "\n"
     )
     (a.out / "unconditional.md").write_text(markdown(reports, calibration, names, meta))
-    plot(calibration, a.out / "gate-reliability.png")
+    if calibration:
+        plot(calibration, a.out / "gate-reliability.png")
     print(f"wrote {a.out / 'unconditional.md'}")
 
 

@@ -80,11 +80,11 @@ def main() -> None:
     def run(name: str, gate, top_k: int | None, prompt=None, pin=None, n=a.num_samples, model=bundle) -> None:  # noqa: ANN001
         model.mixture.gate = gate
         t0 = time.time()
-        steps = {"steps": a.steps, "sampler": a.sampler}
+        schedule = {"steps": a.steps, "sampler": a.sampler}
         if prompt == "each":  # class-conditional: n / C images of every class
             per = n // len(train.class_names)
             parts = [
-                sample(model, per, prompt=prompt_for(model, c), top_k=top_k, seed=a.seed + c, **steps)
+                sample(model, per, prompt=prompt_for(model, c), top_k=top_k, seed=a.seed + c, **schedule)
                 for c in range(len(train.class_names))
             ]
             images = torch.cat([x for x, _, _ in parts])
@@ -94,7 +94,7 @@ def main() -> None:
             }
             spi = sum(s for _, _, s in parts) / len(parts)
         else:
-            images, weight, spi = sample(model, n, top_k=top_k, seed=a.seed, experts=pin, **steps)
+            images, weight, spi = sample(model, n, top_k=top_k, seed=a.seed, experts=pin, **schedule)
         r = share_report(name, images, judge, train, test, weight, spi)
         reports.append(r)
         print(
@@ -134,9 +134,10 @@ def main() -> None:
             model=dense,
         )
     calibration = {}
-    for label, gate in [("shipped", learned), *others.items()] if a.calibration_n > 0 else []:
-        bundle.mixture.gate = gate
-        calibration[label] = gate_calibration(bundle, test, posterior, n=a.calibration_n, seed=a.seed)
+    if a.calibration_n > 0:
+        for label, gate in [("shipped", learned), *others.items()]:
+            bundle.mixture.gate = gate
+            calibration[label] = gate_calibration(bundle, test, posterior, n=a.calibration_n, seed=a.seed)
     bundle.mixture.gate = learned
     a.out.mkdir(parents=True, exist_ok=True)
     meta = {

@@ -64,7 +64,10 @@ def main() -> None:
     ap.add_argument("--base-ms", type=float, default=2.0)
     ap.add_argument("--per-row-ms", type=float, default=0.01)
     ap.add_argument(
-        "--idle-s", type=float, default=10.0, help="seconds to measure the machine's CPU with no request running"
+        "--idle-s",
+        type=float,
+        default=10.0,
+        help="seconds to measure the machine's CPU with no request running",
     )
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -43,7 +43,8 @@ def main() -> None:
     p.add_argument("--calibration-n", type=int, default=1000, help="0 skips the gate calibration")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--configs", default="learned-top2,learned-all,posterior-top2,posterior-all,experts,conditional"
+        "--configs",
+        default="prior,learned-top2,learned-all,posterior-top2,posterior-all,experts,conditional",
     )
     p.add_argument(
         "--gate",
@@ -77,7 +78,16 @@ def main() -> None:
     n_exp = len(names)
     reports, started = [], time.time()
 
-    def run(name: str, gate, top_k: int | None, prompt=None, pin=None, n=a.num_samples, model=bundle) -> None:  # noqa: ANN001
+    def run(  # noqa: ANN202
+        name: str,
+        gate,  # noqa: ANN001
+        top_k: int | None,
+        prompt=None,  # noqa: ANN001
+        pin=None,  # noqa: ANN001
+        n=a.num_samples,  # noqa: ANN001
+        model=bundle,  # noqa: ANN001
+        unconditional="null",  # noqa: ANN001
+    ):
         model.mixture.gate = gate
         t0 = time.time()
         schedule = {"steps": a.steps, "sampler": a.sampler}
@@ -94,7 +104,9 @@ def main() -> None:
             }
             spi = sum(s for _, _, s in parts) / len(parts)
         else:
-            images, weight, spi = sample(model, n, top_k=top_k, seed=a.seed, experts=pin, **schedule)
+            images, weight, spi = sample(
+                model, n, top_k=top_k, seed=a.seed, experts=pin, unconditional=unconditional, **schedule
+            )
         r = share_report(name, images, judge, train, test, weight, spi)
         reports.append(r)
         print(
@@ -103,8 +115,15 @@ def main() -> None:
             flush=True,
         )
 
+    if "prior" in configs:
+        run(
+            f"class prior c ~ p(c), learned gate, top-{bundle.config.top_k}",
+            learned,
+            None,
+            unconditional="prior",
+        )
     if "learned-top2" in configs:
-        run(f"learned gate, top-{bundle.config.top_k} (shipped)", learned, None)
+        run(f"null condition, learned gate, top-{bundle.config.top_k}", learned, None)
     if "learned-all" in configs:
         run(f"learned gate, top-{n_exp}", learned, n_exp)
     if "posterior-top2" in configs:
@@ -125,7 +144,15 @@ def main() -> None:
             run(f"expert {name} alone", learned, None, pin=[name], n=a.expert_samples)
     for path in a.dense:
         dense = load_bundle(model_dir(Path(path)))
-        run(f"dense {Path(path).name}, unconditional", dense.mixture.gate, None, model=dense)
+        run(f"dense {Path(path).name}, null condition", dense.mixture.gate, None, model=dense)
+        if "prior" in configs:
+            run(
+                f"dense {Path(path).name}, class prior",
+                dense.mixture.gate,
+                None,
+                model=dense,
+                unconditional="prior",
+            )
         run(
             f"dense {Path(path).name}, class-conditional",
             dense.mixture.gate,

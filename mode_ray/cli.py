@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import typer
 
 from mode_ray.diffusion.samplers import SamplerName
+from mode_ray.generation.bundle import UnconditionalMode
 from mode_ray.generation.params import DEFAULT_NUM_IMAGES
 from mode_ray.models.dit import DIT_PRESETS
 from mode_ray.models.unet import PresetName
@@ -411,6 +412,13 @@ def generate(
     min_weight: Annotated[
         float | None, typer.Option(help="weight floor: chosen experts below this weight are not evaluated")
     ] = None,
+    unconditional: Annotated[
+        UnconditionalMode | None,
+        typer.Option(
+            help="without --prompt: prior (each image's class drawn from the data's shares) or null (the "
+            "null condition); default: the model's"
+        ),
+    ] = None,
     expert: Annotated[
         list[str] | None, typer.Option(help="pin routing to these experts (repeatable)")
     ] = None,
@@ -448,6 +456,7 @@ def generate(
         "top_k": top_k,
         "top_p": top_p,
         "min_weight": min_weight,
+        "unconditional": unconditional,
         "experts": expert or [],
         "exclude_experts": exclude or [],
     }

@@ -2,6 +2,7 @@
 
     python scripts/make_notebook.py            # write the cells only (no outputs)
     python scripts/make_notebook.py --execute  # run them (cluster.ipynb against a local cluster this starts)
+    python scripts/make_notebook.py --execute walkthrough  # only the notebooks named
 
 notebooks/walkthrough.ipynb runs the shipped mixture in-process; notebooks/cluster.ipynb drives a running
 cluster with the Python client. Each executed code cell records the sha256 of its source in its metadata, so
@@ -63,18 +64,31 @@ request the gate sends the step to the expert whose partition holds the digit.""
     (
         "md",
         """## Unconditional generation: the learned gate routes on the noisy image
-Without a condition only `x` and `sigma` inform the gate; at high noise it hedges across experts, and as the
-image forms it commits.""",
+Under the null condition (`unconditional="null"`) only `x` and `sigma` inform the gate; at high noise it
+hedges across experts, and as the image forms it commits.""",
     ),
     (
         "code",
         """uncond = generate_local(bundle.mixture, bundle.config,
-                        GenerateParams(num_images=8, seed=1, guidance_scale=1.0))
+                        GenerateParams(num_images=8, seed=1, guidance_scale=1.0, unconditional="null"))
 display(Image(png_bytes(uncond.images, nrow=8)))
 first, last = uncond.trace[0], uncond.trace[-1]
 print("first step:", list(zip(first.experts[0], first.weights[0])))
 print("last step: ", list(zip(last.experts[0], last.weights[0])))
 display(Image(uncond.routing_png()))  # experts x evaluations, mean weight over the 8 images""",
+    ),
+    (
+        "md",
+        """The shipped mixture's default for a request without a prompt is `unconditional="prior"`: each image
+draws its class from the training set's class shares (`class_prior` in mixture.json) and is sampled for it,
+since p(x) = sum_c p(c) p(x | c). Its samples follow the data's class shares, where the null condition's
+are skewed (README, "Unconditional samples").""",
+    ),
+    (
+        "code",
+        """prior = generate_local(bundle.mixture, bundle.config, GenerateParams(num_images=8, seed=1))
+display(Image(png_bytes(prior.images, nrow=8)))
+print("drawn classes:", prior.labels)""",
     ),
     (
         "md",
@@ -93,7 +107,7 @@ from mode_ray.routing import Mixture
 src = load_expert(DEFAULT_MODEL / "experts" / "digits-8-9")
 card = src.card.model_copy(update={"name": "newcomer", "prototype": torch.eye(10)[3].tolist()})
 added = Mixture([*bundle.mixture.experts, Expert(card, src.denoiser)], bundle.mixture.gate, top_k=2)
-p = GenerateParams(num_images=4, seed=1, steps=6)
+p = GenerateParams(num_images=4, seed=1, steps=6, unconditional="null")
 same = generate_local(added, bundle.config, p).images.equal(generate_local(bundle.mixture, bundle.config, p).images)
 print("unconditional samples unchanged by the hot-add:", same)
 three = generate_local(added, bundle.config, GenerateParams(prompt=3, num_images=1, seed=0, steps=6))
@@ -260,12 +274,17 @@ def main() -> None:
     import sys
 
     run = "--execute" in sys.argv[1:]
+    only = [a for a in sys.argv[1:] if not a.startswith("--")] or list(
+        NOTEBOOKS
+    )  # e.g. `--execute walkthrough`
     stop = None
     if run:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     try:
         for name, cells in NOTEBOOKS.items():
+            if name not in only:
+                continue
             nb = build(cells)
             if run:
                 if name == "cluster":

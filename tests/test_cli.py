@@ -54,6 +54,16 @@ def test_generate_writes_a_viewable_grid_with_labels_and_the_routing_heatmap(tmp
     assert any(b > 200 and r < 200 for r, g, b in colours)  # some weight drawn in blue
 
 
+def test_generate_unconditional_prior_or_null(tmp_path) -> None:  # noqa: ANN001
+    common = ["generate", "--local", "--num-images", "3", "--seed", "2", "--steps", "1", "--sampler", "euler"]
+    assert run(*common, "--out", str(tmp_path / "prior.npz")).exit_code == 0  # the shipped default: prior
+    assert run(*common, "--unconditional", "null", "--out", str(tmp_path / "null.npz")).exit_code == 0
+    assert min(np.load(tmp_path / "prior.npz")["labels"].tolist()) >= 0
+    assert np.load(tmp_path / "null.npz")["labels"].tolist() == [-1, -1, -1]
+    r = run(*common, "--unconditional", "maybe")
+    assert r.exit_code == 2 and "maybe" in r.output
+
+
 def test_the_default_image_count_is_the_apis(tmp_path) -> None:  # noqa: ANN001
     from mode_ray.generation import DEFAULT_NUM_IMAGES
 

@@ -36,6 +36,21 @@ def test_generates_the_requested_digit(bundle, digit: int) -> None:  # noqa: ANN
     assert all(str(digit) in n.split("-") for n in holders)  # the top expert holds the digit
 
 
+def test_unconditional_requests_draw_their_classes_from_the_training_shares(bundle) -> None:  # noqa: ANN001
+    """The shipped default: p(x) = sum_c p(c) p(x | c) with p(c) the MNIST training set's class shares;
+    each image is judged as the class it drew."""
+    from mode_ray.train.data import load_mnist
+
+    labels = load_mnist("train").labels
+    shares = (torch.bincount(labels, minlength=10).double() / len(labels)).tolist()
+    assert bundle.config.unconditional == "prior"
+    assert bundle.config.class_prior == pytest.approx(shares, abs=1e-5)
+    gen = generate_local(bundle.mixture, bundle.config, GenerateParams(num_images=8, seed=3))
+    assert len(set(gen.labels)) > 1 and min(gen.labels) >= 0
+    votes = load_classifier(DEFAULT_MODEL / "classifier")(gen.images * 2 - 1).argmax(1)
+    assert (votes == torch.tensor(gen.labels)).float().mean() >= 0.75, (votes.tolist(), gen.labels)
+
+
 def test_same_seed_same_images(bundle) -> None:  # noqa: ANN001
     p = GenerateParams(prompt="three", num_images=2, seed=11, steps=4)
     a = generate_local(bundle.mixture, bundle.config, p).images
@@ -76,7 +91,7 @@ def test_a_hot_added_expert_leaves_unconditional_sampling_exactly_as_it_was(bund
     """Before the fix the copy took 0.59 to 0.75 of the weight of every unconditional step: the learned gate
     scored the unknown expert 0, which as a log-probability is certainty."""
     added = hot_added_copy(bundle, [-0.1] * 10)  # a prototype unlike every class
-    p = GenerateParams(num_images=4, seed=1, steps=6)
+    p = GenerateParams(num_images=4, seed=1, steps=6, unconditional="null")  # the gate alone routes
     before = generate_local(bundle.mixture, bundle.config, p)
     after = generate_local(added, bundle.config, p)
     assert torch.equal(after.images, before.images)

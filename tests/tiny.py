@@ -14,6 +14,7 @@ from mode_ray.routing.gates import LearnedGateConfig, LearnedGateNet
 
 XS = UNET_PRESETS["xs"]
 EXPERTS = {"a": [0, 1, 2, 3], "b": [4, 5, 6], "c": [7, 8, 9], "d": [9]}  # d is not in the mixture: hot-add it
+TINY_PRIOR = [0.3, 0.0, 0.0, 0.0, 0.2, 0.0, 0.0, 0.0, 0.5, 0.0]  # a skewed p(c) for unconditional='prior'
 
 
 def make_expert(root: Path, name: str, digits: list[int], seed: int, scale: float = 0.02) -> Path:
@@ -43,6 +44,7 @@ def build_tiny_mixture(model: Path) -> Path:
         sampler="heun",
         steps=4,
         guidance_scale=2.0,
+        class_prior=TINY_PRIOR,  # unconditional stays "null" unless a request asks for "prior"
     )
     (model / "mixture.json").write_text(config.model_dump_json(indent=2))
     return model

@@ -1,6 +1,6 @@
 """A mixture directory: `mixture.json`, `experts/<name>/`, `gate/` (learned gate), optional `classifier/`.
 
-mixture.json   MixtureConfig: expert names, gate composition, top_k/top_p, sampling defaults
+mixture.json   MixtureConfig: expert names, gate composition, top_k/top_p, sampling defaults, the class prior
 experts/<n>/   expert.json + model.safetensors (see mode_ray.models.checkpoint)
 gate/          gate.json + model.safetensors (LearnedGateNet); extended gates live beside it (gates/...)
 """
@@ -34,6 +34,7 @@ from mode_ray.routing.gates import (
 from mode_ray.routing.mixture import Mixture
 
 GATE_CARD = "gate.json"
+UnconditionalMode = Literal["prior", "null"]
 
 
 class GateSpec(BaseModel):
@@ -72,6 +73,17 @@ class MixtureConfig(BaseModel):
     text_tokens: int = Field(
         0, ge=0, le=512, description="text only: token embeddings per prompt (L) beside the pooled one"
     )
+    class_prior: list[float] | None = Field(
+        None,
+        description="class_label only: the training data's class shares p(c), one per class name (normalised "
+        "on load); what an unconditional request draws its classes from under unconditional='prior'",
+    )
+    unconditional: UnconditionalMode = Field(
+        "null",
+        description="how a request without a condition samples p(x). null: the null condition (the experts' "
+        "unconditional branch, routed by the gate's p(k | x, sigma)); prior: each image draws its class "
+        "c ~ p(c) from class_prior and samples p(x | c), since p(x) = sum_c p(c) p(x | c)",
+    )
     decoder: str | None = Field(
         None,
         max_length=200,
@@ -84,6 +96,38 @@ class MixtureConfig(BaseModel):
     def _sigma_range(self) -> MixtureConfig:
         check_sigma_range(self.sigma_min, self.sigma_max)
         return self
+
+    @model_validator(mode="after")
+    def _class_prior(self) -> MixtureConfig:
+        if self.class_prior is not None:
+            self.class_prior = normalised_prior(self.class_prior, len(self.class_names), self.condition)
+        if self.unconditional == "prior" and self.class_prior is None:
+            raise ValueError(
+                "unconditional 'prior' needs class_prior (the data's class shares); or use 'null'"
+            )
+        return self
+
+
+def normalised_prior(prior: Sequence[float], num_classes: int, condition: str) -> list[float]:
+    """`prior` (C,) as shares summing to 1; a ValueError naming class_prior for anything that is not one."""
+    if condition != "class_label":
+        raise ValueError(f"class_prior is for condition 'class_label' only, not {condition!r}")
+    if len(prior) != num_classes:
+        raise ValueError(f"class_prior needs one share per class ({num_classes}), got {len(prior)}")
+    if any(not 0 <= p < float("inf") for p in prior) or sum(prior) <= 0:
+        raise ValueError("class_prior: shares must be finite, >= 0 and not all 0")
+    total = sum(prior)
+    return [p / total for p in prior]
+
+
+def class_prior_of(labels: torch.Tensor, num_classes: int) -> list[float] | None:
+    """The class shares (C,) of training labels (N,) int (-1 = unlabelled, not counted); None if none is
+    labelled."""
+    labelled = labels[labels >= 0]
+    if labelled.numel() == 0:
+        return None
+    counts = torch.bincount(labelled, minlength=num_classes)[:num_classes].double()
+    return [round(float(c), 6) for c in counts / counts.sum()]
 
 
 def encoder_for(config: MixtureConfig) -> ClassLabelEncoder | None:

@@ -7,16 +7,18 @@ import random
 from dataclasses import dataclass
 from typing import Annotated
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mode_ray.diffusion import SamplerName
-from mode_ray.generation.bundle import MixtureConfig, encoder_for
+from mode_ray.generation.bundle import MixtureConfig, UnconditionalMode, encoder_for
 
 DEFAULT_NUM_IMAGES = 4  # the one default of HTTP, gRPC, the CLI and the Python API
 MAX_NUM_IMAGES = 256
 MAX_PROMPT_CHARS = 1000
 MAX_LISTED_EXPERTS = 256
+LABEL_STREAM = 0x1ABE1  # the classes drawn under unconditional='prior' come from rng([LABEL_STREAM, seed])
 ExpertName = Annotated[str, Field(min_length=1, max_length=128)]
 
 
@@ -37,6 +39,11 @@ class GenerateParams(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     min_weight: float | None = Field(
         None, ge=0, lt=1, description="weight floor: chosen experts below this weight are not evaluated"
+    )
+    unconditional: UnconditionalMode | None = Field(
+        None,
+        description="without prompt or class: 'prior' draws each image's class from the data's shares, "
+        "'null' samples the null condition; default: the mixture's",
     )
     experts: list[ExpertName] = Field(
         default_factory=list, max_length=MAX_LISTED_EXPERTS, description="pin routing to these experts"
@@ -64,8 +71,9 @@ class GenerateParams(BaseModel):
 
 @dataclass(frozen=True)
 class ResolvedRequest:
-    """A request with the mixture's defaults applied and its prompt encoded. cond: (N, D), packed text
-    (N, 1 + L, D), or None."""
+    """A request with the mixture's defaults applied and its prompt encoded. labels: (N,) class per image
+    (the requested one, or drawn from the class prior), None for the null condition and for text; cond:
+    (N, D), packed text (N, 1 + L, D), or None."""
 
     num_images: int
     steps: int
@@ -75,7 +83,7 @@ class ResolvedRequest:
     top_k: int
     top_p: float | None
     min_weight: float | None
-    label: int | None
+    labels: tuple[int, ...] | None
     cond: torch.Tensor | None
     pin: tuple[str, ...]
     exclude: tuple[str, ...]
@@ -85,13 +93,21 @@ def resolve(params: GenerateParams, config: MixtureConfig) -> ResolvedRequest:
     """Apply defaults; a ValueError naming the field for a prompt the mixture's encoder does not know."""
     if params.prompt is not None and params.class_label is not None:
         raise ValueError("give either prompt or class, not both")
+    conditioned = params.prompt is not None or params.class_label is not None
+    if conditioned and params.unconditional is not None:
+        raise ValueError("unconditional: only for requests without prompt or class; omit one of them")
+    seed = params.seed if params.seed is not None else random.randrange(2**63)
     if config.condition == "text":
-        return _resolved(params, config, None, _text_cond(params, config))
+        if params.unconditional == "prior":
+            raise ValueError(
+                f"unconditional: mixture {config.name!r} takes text, it has no class prior; use 'null'"
+            )
+        return _resolved(params, config, seed, None, _text_cond(params, config))
     encoder = encoder_for(config)
-    label = None
-    if (params.prompt is not None or params.class_label is not None) and encoder is None:
+    if conditioned and encoder is None:
         field = "prompt" if params.prompt is not None else "class"
         raise ValueError(f"{field}: mixture {config.name!r} is unconditional (condition 'none'); omit it")
+    label = None
     if params.class_label is not None:
         assert encoder is not None
         if params.class_label >= encoder.dim:
@@ -103,8 +119,22 @@ def resolve(params: GenerateParams, config: MixtureConfig) -> ResolvedRequest:
             label = encoder.label(params.prompt)
         except ValueError as e:
             raise ValueError(f"prompt: {e}") from None
-    cond = None if label is None or encoder is None else encoder.encode([label] * params.num_images)
-    return _resolved(params, config, label, cond)
+    if label is not None:
+        labels: tuple[int, ...] | None = (label,) * params.num_images
+    elif (params.unconditional or config.unconditional) == "prior":
+        if config.class_prior is None:
+            raise ValueError(f"unconditional: mixture {config.name!r} has no class_prior; use 'null'")
+        labels = draw_labels(config.class_prior, params.num_images, seed)
+    else:
+        labels = None
+    cond = None if labels is None or encoder is None else encoder.encode(list(labels))
+    return _resolved(params, config, seed, labels, cond)
+
+
+def draw_labels(prior: list[float], num: int, seed: int) -> tuple[int, ...]:
+    """`num` classes c ~ p(c) = `prior` (C,), i.i.d., from a stream of `seed` that the initial noise does not use."""
+    rng = np.random.default_rng([LABEL_STREAM, seed])
+    return tuple(int(c) for c in rng.choice(len(prior), size=num, p=np.asarray(prior, dtype=np.float64)))
 
 
 def _text_cond(params: GenerateParams, config: MixtureConfig) -> torch.Tensor | None:
@@ -120,18 +150,22 @@ def _text_cond(params: GenerateParams, config: MixtureConfig) -> torch.Tensor | 
 
 
 def _resolved(
-    params: GenerateParams, config: MixtureConfig, label: int | None, cond: torch.Tensor | None
+    params: GenerateParams,
+    config: MixtureConfig,
+    seed: int,
+    labels: tuple[int, ...] | None,
+    cond: torch.Tensor | None,
 ) -> ResolvedRequest:
     return ResolvedRequest(
         num_images=params.num_images,
         steps=params.steps or config.steps,
         sampler=params.sampler or config.sampler,
-        seed=params.seed if params.seed is not None else random.randrange(2**63),
+        seed=seed,
         guidance_scale=config.guidance_scale if params.guidance_scale is None else params.guidance_scale,
         top_k=params.top_k or config.top_k,
         top_p=params.top_p if params.top_p is not None else config.top_p,
         min_weight=params.min_weight if params.min_weight is not None else config.min_weight,
-        label=label,
+        labels=labels,
         cond=cond,
         pin=tuple(params.experts),
         exclude=tuple(params.exclude_experts),

@@ -125,7 +125,10 @@ class RequestState:
             z = min(b, a + max_images)
             cond = None if self.cond is None else self.cond[a:z]
             req = replace(
-                self.req, num_images=z - a, cond=None if self.req.cond is None else self.req.cond[a:z]
+                self.req,
+                num_images=z - a,
+                labels=None if self.req.labels is None else self.req.labels[a:z],
+                cond=None if self.req.cond is None else self.req.cond[a:z],
             )
             traj = make_trajectory(self.req.sampler, self.traj.x[a:z], self.traj.sigmas)
             parts.append(RequestState(req=req, names=self.names, traj=traj, cond=cond, allowed=self.allowed))
@@ -140,10 +143,9 @@ class RequestState:
         latent: bool = False,
     ) -> GenerationResult:
         """latent: the mixture has a decoder; the result keeps x as `latents` (decode with `decoded`)."""
-        labels = [-1 if self.req.label is None else self.req.label] * self.rows
         return GenerationResult(
             images=to_images(self.traj.x),
-            labels=labels,
+            labels=[-1] * self.rows if self.req.labels is None else list(self.req.labels),
             seed=self.req.seed,
             trace=self.trace,
             dropped_mass=round(self.dropped, 6),

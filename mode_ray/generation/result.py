@@ -69,8 +69,9 @@ class Progress:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """images: (N, C, H, W) float32 in [0, 1]; labels: requested class per image (-1 = unconditional);
-    trace: one StepTrace per evaluation; dropped_mass: routing weight lost to failed experts.
+    """images: (N, C, H, W) float32 in [0, 1]; labels: class per image, requested or drawn from the class
+    prior (-1 = null condition); trace: one StepTrace per evaluation; dropped_mass: routing weight lost to
+    failed experts.
     request_id, registry_version and seconds are set by the cluster ('' / None / 0 in-process); timing, when
     asked for, holds the served time breakdown of each evaluation's tick (ms per phase, see the engine)."""
 

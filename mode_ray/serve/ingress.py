@@ -320,6 +320,8 @@ class Ingress:
             params["steps"] = request.steps
         if request.sampler:
             params["sampler"] = request.sampler
+        if request.unconditional:
+            params["unconditional"] = request.unconditional
         if request.experts:
             params["experts"] = list(request.experts)
         if request.exclude_experts:

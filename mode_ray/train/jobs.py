@@ -5,9 +5,12 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 from mode_ray.generation.bundle import (
     GateSpec,
     MixtureConfig,
+    class_prior_of,
     load_bundle,
     load_config,
     load_gate_net,
@@ -17,6 +20,7 @@ from mode_ray.models.card import ExpertCard
 from mode_ray.models.checkpoint import load_card
 from mode_ray.train.loops import JobConfig, fit
 from mode_ray.train.partitions import PartitionSpec
+from mode_ray.train.partitions import partition as shard_indices
 
 
 def train_experts(
@@ -68,16 +72,32 @@ def train_experts(
         paths = list(pool.map(job, shards))
     mixture_file = out / "mixture.json"
     config = load_config(out) if mixture_file.exists() else MixtureConfig(name=out.name, experts=names)
-    config = config.model_copy(update={"experts": names, **_condition_fields(base)})
+    config = MixtureConfig.model_validate(
+        {**config.model_dump(), "experts": names, **_condition_fields(base, config, partition)}
+    )
     mixture_file.write_text(config.model_dump_json(indent=2) + "\n")
     return paths
 
 
-def _condition_fields(cfg: JobConfig) -> dict:
-    """mixture.json's condition fields for experts trained with `cfg`."""
+def _condition_fields(cfg: JobConfig, config: MixtureConfig, partition: str) -> dict:
+    """mixture.json's condition fields for experts trained with `cfg` on `partition`; a class-label mixture
+    records the class shares of the data its experts cover and samples unconditional requests from them
+    (see MixtureConfig)."""
+    no_prior = {"condition": cfg.condition, "class_prior": None, "unconditional": "null"}
     if cfg.condition == "text":
-        return {"condition": "text", "text_tokens": cfg.text_tokens}
-    return {"condition": cfg.condition}
+        return {**no_prior, "text_tokens": cfg.text_tokens}
+    if cfg.condition != "class_label":
+        return no_prior
+    from mode_ray.train.data import load_dataset
+
+    data = load_dataset(cfg.dataset, "train")
+    spec = PartitionSpec.parse(partition)
+    covered = data.labels[torch.cat(shard_indices(data, spec))] if spec.kind == "labels" else data.labels
+    num_classes = len(config.class_names)
+    prior = class_prior_of(covered, num_classes) if len(data.class_names) == num_classes else None
+    if prior is None:  # unlabelled data, or classes the mixture does not name: nothing to draw from
+        return no_prior
+    return {"condition": cfg.condition, "class_prior": prior, "unconditional": "prior"}
 
 
 def gate_partition(cards: list[ExpertCard]) -> str:
@@ -199,6 +219,7 @@ def train_dense(
     cfg = JobConfig(**{**base.__dict__, "kind": "dense", "name": "dense", "partition": "all"})
     path = fit(cfg, out / "experts" / "dense", workers, cpus_per_worker, use_gpu)
     gate = GateSpec(prototype_tau=None, learned=None)
-    config = MixtureConfig(name=out.name, experts=["dense"], gate=gate, top_k=1, **_condition_fields(base))
+    config = MixtureConfig(name=out.name, experts=["dense"], gate=gate, top_k=1)
+    config = MixtureConfig.model_validate({**config.model_dump(), **_condition_fields(base, config, "all")})
     (out / "mixture.json").write_text(config.model_dump_json(indent=2) + "\n")
     return path

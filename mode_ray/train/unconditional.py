@@ -75,10 +75,11 @@ def sample(
     sampler: str | None = None,
     seed: int = 0,
     batch: int = 100,
+    unconditional: str = "null",
 ) -> tuple[torch.Tensor, dict[str, float], float]:
-    """`num_samples` images (N, C, H, W) in [0, 1] for `prompt` (None: unconditional), routed to `experts`
-    only when given; the mean routing weight of each expert over images and evaluations, and the seconds
-    per image."""
+    """`num_samples` images (N, C, H, W) in [0, 1] for `prompt` (None: unconditional, by `unconditional`:
+    'null' or 'prior'), routed to `experts` only when given; the mean routing weight of each expert over
+    images and evaluations, and the seconds per image."""
     images, carried, evals, seconds = [], {}, 0, 0.0
     for start in range(0, num_samples, batch):
         params = GenerateParams(
@@ -89,6 +90,7 @@ def sample(
             steps=steps,
             sampler=sampler,
             experts=experts or [],
+            unconditional=unconditional if prompt is None else None,
         )
         t0 = time.perf_counter()
         result = generate_local(bundle.mixture, bundle.config, params)

@@ -19,7 +19,7 @@ def bundle(tmp_path_factory):  # noqa: ANN001, ANN201
 
 def test_a_prompt_is_encoded_once_into_a_packed_condition(bundle) -> None:  # noqa: ANN001
     req = resolve(GenerateParams(prompt="a handwritten seven", num_images=3), bundle.config)
-    assert req.cond.shape == (3, 1 + TEXT_TOKENS, 384) and req.label is None
+    assert req.cond.shape == (3, 1 + TEXT_TOKENS, 384) and req.labels is None
     assert torch.equal(req.cond[0], req.cond[2])  # one encoding, repeated per image
     assert resolve(GenerateParams(num_images=2), bundle.config).cond is None
     with pytest.raises(ValueError, match="class: mixture 'tiny-text' takes free-text prompts"):

@@ -84,13 +84,15 @@ def test_cluster_equals_the_in_process_mixture_under_continuous_batching(cluster
         {"num_images": 1, "seed": 3, "top_k": 2},
         {"prompt": 5, "num_images": 2, "seed": 4, "top_k": 2, "guidance_scale": 1.0},
         {"prompt": 8, "num_images": 2, "seed": 6, "top_k": 2, "min_weight": 0.3},
+        {"num_images": 3, "seed": 7, "top_k": 2, "unconditional": "prior"},  # classes drawn from p(c)
     ]
     with ThreadPoolExecutor(len(requests)) as pool:  # concurrent: their rows share expert calls
         responses = list(pool.map(lambda b: post(sc.http_url, {**b, "output": "json"}), requests))
     for body, response in zip(requests, responses, strict=True):
         assert response.status_code == 200, response.text
-        expected = generate_local(bundle.mixture, bundle.config, GenerateParams(**body)).images
-        assert (images_of(response) - expected).abs().max() <= 1e-5
+        expected = generate_local(bundle.mixture, bundle.config, GenerateParams(**body))
+        assert (images_of(response) - expected.images).abs().max() <= 1e-5
+        assert response.json()["labels"] == expected.labels
         trace = response.json()["trace"]
         rows = [
             (names, weights)

@@ -133,6 +133,28 @@ def test_a_bad_input_shows_the_servers_message_not_a_traceback(page) -> None:  #
     )
 
 
+def test_without_a_prompt_the_page_sends_the_chosen_unconditional_mode(page) -> None:  # noqa: ANN001
+    """The tiny mixture's default is the null condition; choosing 'prior' draws each image's class, and the
+    per-image table shows the classes the API draws for the same request."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    sc, driver = page
+    driver.get(f"{sc.http_url}/")
+    fill(driver, {"num_images": "3", "seed": "4", "steps": "2"})
+    driver.find_element(By.ID, "prompt").clear()
+    Select(driver.find_element(By.ID, "unconditional")).select_by_value("prior")
+    driver.find_element(By.ID, "generate").click()
+    wait(driver, lambda d: d.find_element(By.ID, "status").text == "done", "the generation to finish")
+    shown = [
+        r.find_elements(By.TAG_NAME, "td")[1].text
+        for r in driver.find_elements(By.CSS_SELECTOR, "#carried tbody tr")
+    ]
+    body = {"num_images": 3, "seed": 4, "steps": 2, "unconditional": "prior", "output": "json"}
+    labels = httpx.post(f"{sc.http_url}/v1/generate", json=body, timeout=120).json()["labels"]
+    assert min(labels) >= 0 and shown == [str(c) for c in labels]
+
+
 def test_the_page_fits_a_phone_width_screen(page) -> None:  # noqa: ANN001
     sc, driver = page
     driver.set_window_size(390, 844)

@@ -30,6 +30,8 @@ def test_two_worker_expert_and_gate_jobs(ray_session, tmp_path) -> None:  # noqa
     )
     bundle = load_bundle(tmp_path / "mix")
     assert bundle.mixture.names == ["digits-0-1", "digits-2-3"]
+    prior = bundle.config.class_prior  # the shares of the classes its experts cover, nothing else
+    assert bundle.config.unconditional == "prior" and min(prior[:4]) > 0.2 and sum(prior[4:]) == 0
     assert bundle.config.gate.learned == "gate"
 
     # a spatial gate fitted to the empirical posterior, written beside the mixture: mixture.json untouched

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmode_ray/v1/generation.proto\x12\x0bmode_ray.v1\"\xa0\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x0b\x63lass_label\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\nnum_images\x18\x03 \x01(\x05\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x0f\n\x07sampler\x18\x05 \x01(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x17\n\nmin_weight\x18\x0e \x01(\x02H\x05\x88\x01\x01\x12\x0f\n\x07\x65xperts\x18\n \x03(\t\x12\x17\n\x0f\x65xclude_experts\x18\x0b \x03(\t\x12\x0e\n\x06output\x18\x0c \x01(\t\x12\x17\n\ndeadline_s\x18\r \x01(\x02H\x06\x88\x01\x01\x12\r\n\x05trace\x18\x0f \x01(\tB\x0e\n\x0c_class_labelB\x07\n\x05_seedB\x11\n\x0f_guidance_scaleB\x08\n\x06_top_kB\x08\n\x06_top_pB\r\n\x0b_min_weightB\r\n\x0b_deadline_s\"\x9c\x03\n\x10GenerateResponse\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0e\n\x06images\x18\x02 \x01(\x0c\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06labels\x18\x04 \x03(\x05\x12%\n\x05trace\x18\x05 \x03(\x0b\x32\x16.mode_ray.v1.StepTrace\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0f\n\x07seconds\x18\x07 \x01(\x02\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x14\n\x0c\x64ropped_mass\x18\t \x01(\x02\x12\x18\n\x10registry_version\x18\n \x01(\x03\x12\x12\n\ntrace_mode\x18\x0b \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\x05\x12\x42\n\x0b\x63old_starts\x18\r \x03(\x0b\x32-.mode_ray.v1.GenerateResponse.ColdStartsEntry\x12\x0f\n\x07latents\x18\x0e \x01(\x0c\x12\x14\n\x0clatent_shape\x18\x0f \x03(\x03\x1a\x31\n\x0f\x43oldStartsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"O\n\tStepTrace\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05sigma\x18\x02 \x01(\x02\x12%\n\x04rows\x18\x03 \x03(\x0b\x32\x17.mode_ray.v1.RowRouting\"D\n\nRowRouting\x12\x0f\n\x07\x65xperts\x18\x01 \x03(\t\x12\x0f\n\x07weights\x18\x02 \x03(\x02\x12\x14\n\x0c\x64ropped_mass\x18\x03 \x01(\x02\"s\n\x10GenerateProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\r\n\x05sigma\x18\x03 \x01(\x02\x12-\n\x06result\x18\x04 \x01(\x0b\x32\x1d.mode_ray.v1.GenerateResponse\"\x14\n\x12ListExpertsRequest\"Y\n\x13ListExpertsResponse\x12\x18\n\x10registry_version\x18\x01 \x01(\x03\x12(\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x17.mode_ray.v1.ExpertInfo\"_\n\nExpertInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x11\n\tcard_json\x18\x05 \x01(\t2\x85\x02\n\x11GenerationService\x12I\n\x08Generate\x12\x1c.mode_ray.v1.GenerateRequest\x1a\x1d.mode_ray.v1.GenerateResponse\"\x00\x12Q\n\x0eGenerateStream\x12\x1c.mode_ray.v1.GenerateRequest\x1a\x1d.mode_ray.v1.GenerateProgress\"\x00\x30\x01\x12R\n\x0bListExperts\x12\x1f.mode_ray.v1.ListExpertsRequest\x1a .mode_ray.v1.ListExpertsResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmode_ray/v1/generation.proto\x12\x0bmode_ray.v1\"\xb7\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x0b\x63lass_label\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\nnum_images\x18\x03 \x01(\x05\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x0f\n\x07sampler\x18\x05 \x01(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x17\n\nmin_weight\x18\x0e \x01(\x02H\x05\x88\x01\x01\x12\x0f\n\x07\x65xperts\x18\n \x03(\t\x12\x17\n\x0f\x65xclude_experts\x18\x0b \x03(\t\x12\x0e\n\x06output\x18\x0c \x01(\t\x12\x17\n\ndeadline_s\x18\r \x01(\x02H\x06\x88\x01\x01\x12\r\n\x05trace\x18\x0f \x01(\t\x12\x15\n\runconditional\x18\x10 \x01(\tB\x0e\n\x0c_class_labelB\x07\n\x05_seedB\x11\n\x0f_guidance_scaleB\x08\n\x06_top_kB\x08\n\x06_top_pB\r\n\x0b_min_weightB\r\n\x0b_deadline_s\"\x9c\x03\n\x10GenerateResponse\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0e\n\x06images\x18\x02 \x01(\x0c\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06labels\x18\x04 \x03(\x05\x12%\n\x05trace\x18\x05 \x03(\x0b\x32\x16.mode_ray.v1.StepTrace\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0f\n\x07seconds\x18\x07 \x01(\x02\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x14\n\x0c\x64ropped_mass\x18\t \x01(\x02\x12\x18\n\x10registry_version\x18\n \x01(\x03\x12\x12\n\ntrace_mode\x18\x0b \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\x05\x12\x42\n\x0b\x63old_starts\x18\r \x03(\x0b\x32-.mode_ray.v1.GenerateResponse.ColdStartsEntry\x12\x0f\n\x07latents\x18\x0e \x01(\x0c\x12\x14\n\x0clatent_shape\x18\x0f \x03(\x03\x1a\x31\n\x0f\x43oldStartsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"O\n\tStepTrace\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05sigma\x18\x02 \x01(\x02\x12%\n\x04rows\x18\x03 \x03(\x0b\x32\x17.mode_ray.v1.RowRouting\"D\n\nRowRouting\x12\x0f\n\x07\x65xperts\x18\x01 \x03(\t\x12\x0f\n\x07weights\x18\x02 \x03(\x02\x12\x14\n\x0c\x64ropped_mass\x18\x03 \x01(\x02\"s\n\x10GenerateProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\r\n\x05sigma\x18\x03 \x01(\x02\x12-\n\x06result\x18\x04 \x01(\x0b\x32\x1d.mode_ray.v1.GenerateResponse\"\x14\n\x12ListExpertsRequest\"Y\n\x13ListExpertsResponse\x12\x18\n\x10registry_version\x18\x01 \x01(\x03\x12(\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x17.mode_ray.v1.ExpertInfo\"_\n\nExpertInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x11\n\tcard_json\x18\x05 \x01(\t2\x85\x02\n\x11GenerationService\x12I\n\x08Generate\x12\x1c.mode_ray.v1.GenerateRequest\x1a\x1d.mode_ray.v1.GenerateResponse\"\x00\x12Q\n\x0eGenerateStream\x12\x1c.mode_ray.v1.GenerateRequest\x1a\x1d.mode_ray.v1.GenerateProgress\"\x00\x30\x01\x12R\n\x0bListExperts\x12\x1f.mode_ray.v1.ListExpertsRequest\x1a .mode_ray.v1.ListExpertsResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,23 +35,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATERESPONSE_COLDSTARTSENTRY']._loaded_options = None
   _globals['_GENERATERESPONSE_COLDSTARTSENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=46
-  _globals['_GENERATEREQUEST']._serialized_end=462
-  _globals['_GENERATERESPONSE']._serialized_start=465
-  _globals['_GENERATERESPONSE']._serialized_end=877
-  _globals['_GENERATERESPONSE_COLDSTARTSENTRY']._serialized_start=828
-  _globals['_GENERATERESPONSE_COLDSTARTSENTRY']._serialized_end=877
-  _globals['_STEPTRACE']._serialized_start=879
-  _globals['_STEPTRACE']._serialized_end=958
-  _globals['_ROWROUTING']._serialized_start=960
-  _globals['_ROWROUTING']._serialized_end=1028
-  _globals['_GENERATEPROGRESS']._serialized_start=1030
-  _globals['_GENERATEPROGRESS']._serialized_end=1145
-  _globals['_LISTEXPERTSREQUEST']._serialized_start=1147
-  _globals['_LISTEXPERTSREQUEST']._serialized_end=1167
-  _globals['_LISTEXPERTSRESPONSE']._serialized_start=1169
-  _globals['_LISTEXPERTSRESPONSE']._serialized_end=1258
-  _globals['_EXPERTINFO']._serialized_start=1260
-  _globals['_EXPERTINFO']._serialized_end=1355
-  _globals['_GENERATIONSERVICE']._serialized_start=1358
-  _globals['_GENERATIONSERVICE']._serialized_end=1619
+  _globals['_GENERATEREQUEST']._serialized_end=485
+  _globals['_GENERATERESPONSE']._serialized_start=488
+  _globals['_GENERATERESPONSE']._serialized_end=900
+  _globals['_GENERATERESPONSE_COLDSTARTSENTRY']._serialized_start=851
+  _globals['_GENERATERESPONSE_COLDSTARTSENTRY']._serialized_end=900
+  _globals['_STEPTRACE']._serialized_start=902
+  _globals['_STEPTRACE']._serialized_end=981
+  _globals['_ROWROUTING']._serialized_start=983
+  _globals['_ROWROUTING']._serialized_end=1051
+  _globals['_GENERATEPROGRESS']._serialized_start=1053
+  _globals['_GENERATEPROGRESS']._serialized_end=1168
+  _globals['_LISTEXPERTSREQUEST']._serialized_start=1170
+  _globals['_LISTEXPERTSREQUEST']._serialized_end=1190
+  _globals['_LISTEXPERTSRESPONSE']._serialized_start=1192
+  _globals['_LISTEXPERTSRESPONSE']._serialized_end=1281
+  _globals['_EXPERTINFO']._serialized_start=1283
+  _globals['_EXPERTINFO']._serialized_end=1378
+  _globals['_GENERATIONSERVICE']._serialized_start=1381
+  _globals['_GENERATIONSERVICE']._serialized_end=1642
 # @@protoc_insertion_point(module_scope)

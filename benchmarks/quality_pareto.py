@@ -17,7 +17,8 @@ training FLOPs as the mixture's experts).
 
 Configurations: the mixture (default: the shipped `mnist`) at top-1, top-2 without a floor, top-2 with the
 weight floor 0.01 (as shipped) and top-p 0.9 (capped at every expert, no floor); each dense baseline
-(default: the shipped `mnist-dense-*` one-expert mixtures) as it is.
+(default: the shipped `mnist-dense-*` one-expert mixtures) as it is; `--extra LABEL=DIR` adds another mixture
+(e.g. scripts/train_kmeans8.sh's) under the same routing configurations, named `LABEL-top-1`, ...
 
 Writes benchmarks/results/quality/pareto/<config>.json, pareto.{md,json} and pareto.png. Not a test: run by hand.
 """
@@ -51,9 +52,14 @@ MIXTURE_CONFIGS = {  # name -> evaluate() routing overrides; min_weight 0 switch
 }
 
 
-def configurations(mixture: Path, dense: list[Path]) -> dict[str, tuple[Path, dict, str]]:
-    """name -> (model directory, evaluate() overrides, kind: "mixture" or "dense")."""
+def configurations(
+    mixture: Path, dense: list[Path], extra: dict[str, Path] | None = None
+) -> dict[str, tuple[Path, dict, str]]:
+    """name -> (model directory, evaluate() overrides, kind: "mixture" or "dense"); each `extra` mixture
+    (label -> directory) under the routing configurations as `<label>-top-1`, ..."""
     out = {name: (mixture, kw, "mixture") for name, kw in MIXTURE_CONFIGS.items()}
+    for label, path in (extra or {}).items():
+        out |= {f"{label}-{name}": (path, kw, "mixture") for name, kw in MIXTURE_CONFIGS.items()}
     for d in dense:
         out[d.name.removeprefix("mnist-")] = (d, {}, "dense")
     return out
@@ -232,6 +238,7 @@ def plot(results: list[dict], path: Path) -> None:
         )
     for r in (r for r in results if r["kind"] == "mixture"):
         t = r["test"]
+        named = r["model"].removeprefix("mnist-") in r["name"]  # an --extra mixture's names carry its label
         ax.errorbar(
             [t["gflops_per_image"]],
             [t["fid"]],
@@ -239,12 +246,12 @@ def plot(results: list[dict], path: Path) -> None:
             marker="o",
             capsize=3,
             linestyle="none",
-            label=f"mixture {r['name']} g={r['best_guidance']:g}",
+            label=f"{r['name'] if named else r['model'] + ' ' + r['name']} g={r['best_guidance']:g}",
         )
     ax.set_xscale("log")
     ax.set_xlabel("inference GFLOPs per image (evaluated experts + gate, x2 with guidance)")
     ax.set_ylabel("classifier-FID, test half (bootstrap 95% CI)")
-    ax.set_title("MNIST: mixture of 4 label-group experts vs dense, equal training FLOPs")
+    ax.set_title("MNIST: mixtures vs dense, equal training FLOPs")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -256,6 +263,13 @@ def main() -> None:
     p.add_argument("--mixture", type=Path, default=DEFAULT_MODEL)
     p.add_argument(
         "--dense", type=Path, action="append", default=None, help="a dense one-expert mixture directory"
+    )
+    p.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="another mixture (e.g. runs/mnist-kmeans8), as configurations LABEL-top-1, LABEL-top-2-floor, ...",
     )
     p.add_argument("--only", default=None, help="comma-separated configuration names")
     p.add_argument(
@@ -271,7 +285,8 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     dense = a.dense or sorted(PRETRAINED.glob("mnist-dense-*"))
-    configs = configurations(model_dir(a.mixture), [model_dir(d) for d in dense])
+    extra = {label: Path(path) for label, _, path in (e.partition("=") for e in a.extra)}
+    configs = configurations(model_dir(a.mixture), [model_dir(d) for d in dense], extra)
     keep = a.out / "pareto"
     keep.mkdir(parents=True, exist_ok=True)
     if not a.plot_only:

@@ -7,8 +7,9 @@
 The protocol (issue 11): every configuration at its own best guidance, chosen on a *validation* set and reported
 on a disjoint *test* set. MNIST's test split is cut in two: the first half is the validation reference, the
 second half the test reference, and the generated sets of the two phases use different seeds. For each
-configuration the script sweeps the guidance scales on `--val-n` class-balanced samples, keeps the scale with
-the lowest validation classifier-FID, then draws `--test-n` samples at that scale and reports the
+configuration the script sweeps the guidance scales (times the `--steps` given) on `--val-n` class-balanced
+samples, keeps the setting with the lowest validation classifier-FID, then draws `--test-n` samples at that
+setting and reports the
 classifier-FID with a bootstrap 95% interval (both feature sets resampled) and the classifier accuracy with a
 Wilson 95% interval. Inference compute is counted, not estimated: forward GFLOPs per image of every expert
 the trace says was evaluated and of the gate, times two where guidance runs the null-condition rows.
@@ -44,6 +45,7 @@ from mode_ray.train.evaluate import bootstrap_fid, evaluate, wilson_interval
 
 OUT = Path(__file__).resolve().parent / "results" / "quality"
 PRETRAINED = DEFAULT_MODEL.parent
+DEFAULT_STEPS = 18  # the shipped models' heun steps (what results without a steps sweep used)
 MIXTURE_CONFIGS = {  # name -> evaluate() routing overrides; min_weight 0 switches the shipped floor off
     "top-1": {"top_k": 1, "min_weight": 0.0},
     "top-2": {"top_k": 2, "min_weight": 0.0},
@@ -84,20 +86,30 @@ def run_config(name: str, model: Path, overrides: dict, kind: str, a: argparse.N
     val_ref, test_ref = test.images[:half], test.images[half:]
     t0 = time.time()
     sweep = []
-    for g in a.guidance:
+    for g, steps in itertools.product(a.guidance, a.steps):
         r, _, _ = evaluate(
-            bundle, judge, test, a.val_n, guidance_scale=g, seed=1, reference=val_ref, **overrides
+            bundle,
+            judge,
+            test,
+            a.val_n,
+            steps=steps,
+            guidance_scale=g,
+            seed=1,
+            reference=val_ref,
+            **overrides,
         )
         sweep.append(
             {
                 "guidance": g,
+                "steps": steps,
                 "val_fid": r.fid,
                 "val_accuracy": r.accuracy,
                 "gflops_per_image": r.gflops_per_image,
             }
         )
         print(
-            f"{name} g={g}: val FID {r.fid:.2f} acc {100 * r.accuracy:.1f}% {r.gflops_per_image:.2f} GFLOPs"
+            f"{name} g={g} steps={steps}: val FID {r.fid:.2f} acc {100 * r.accuracy:.1f}% "
+            f"{r.gflops_per_image:.2f} GFLOPs"
         )
     best = min(sweep, key=lambda s: s["val_fid"])
     r, x, y = evaluate(
@@ -105,6 +117,7 @@ def run_config(name: str, model: Path, overrides: dict, kind: str, a: argparse.N
         judge,
         test,
         a.test_n,
+        steps=best["steps"],
         guidance_scale=best["guidance"],
         seed=2,
         reference=test_ref,
@@ -123,6 +136,7 @@ def run_config(name: str, model: Path, overrides: dict, kind: str, a: argparse.N
         "routing": overrides,
         "sweep": sweep,
         "best_guidance": best["guidance"],
+        "best_steps": best["steps"],
         "test": {
             **asdict(r),
             "fid": round(fid, 3),
@@ -161,6 +175,12 @@ def dense_curve(results: list[dict], gflops: float) -> tuple[float, float, float
     return None
 
 
+def setting(r: dict) -> str:
+    """The chosen guidance, and the steps when they are not the default."""
+    steps = r.get("best_steps", DEFAULT_STEPS)
+    return f"{r['best_guidance']:g}" + ("" if steps == DEFAULT_STEPS else f", {steps} steps")
+
+
 def report(results: list[dict], out: Path) -> None:
     head = "| config | kind | active / total params | GFLOPs/image | best guidance | FID (95% CI) | accuracy (95% CI) | dense FID at equal GFLOPs | ratio | train FLOPs | train min |"
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -175,28 +195,31 @@ def report(results: list[dict], out: Path) -> None:
         ratio_s = "-" if ratio is None else f"{ratio:.2f}" + (" (CIs apart)" if separated else "")
         lines.append(
             f"| {r['name']} | {r['kind']} | {t['active_params'] / 1e6:.2f}M / {t['total_params'] / 1e6:.2f}M | "
-            f"{t['gflops_per_image']:.2f} | {r['best_guidance']:g} | {t['fid']:.1f} [{t['fid_low']:.1f}, "
+            f"{t['gflops_per_image']:.2f} | {setting(r)} | {t['fid']:.1f} [{t['fid_low']:.1f}, "
             f"{t['fid_high']:.1f}] | {100 * t['accuracy']:.1f}% [{100 * t['accuracy_low']:.1f}, "
             f"{100 * t['accuracy_high']:.1f}] | {dense_s} | {ratio_s} | {r['training']['train_flops']:.2e} | "
             f"{r['training']['train_seconds'] / 60:.0f} |"
         )
-    sweep = ["", "Validation sweep (classifier-FID on the validation half; the chosen scale in bold):", ""]
-    sweep.append("| config | " + " | ".join(f"g={g:g}" for g in results[0]["sweep_scales"]) + " |")
-    sweep.append("|---|" + "---|" * len(results[0]["sweep_scales"]))
+    grid = sorted({(s["guidance"], s.get("steps", DEFAULT_STEPS)) for r in results for s in r["sweep"]})
+    one_steps = len({st for _, st in grid}) == 1
+    sweep = ["", "Validation sweep (classifier-FID on the validation half; the chosen setting in bold):", ""]
+    sweep.append(
+        "| config | "
+        + " | ".join(f"g={g:g}" + ("" if one_steps else f", {st} steps") for g, st in grid)
+        + " |"
+    )
+    sweep.append("|---|" + "---|" * len(grid))
     for r in results:
-        cells = {
-            s["guidance"]: (
-                f"**{s['val_fid']:.1f}**" if s["guidance"] == r["best_guidance"] else f"{s['val_fid']:.1f}"
-            )
-            for s in r["sweep"]
-        }
-        sweep.append(
-            f"| {r['name']} | " + " | ".join(cells.get(g, "-") for g in results[0]["sweep_scales"]) + " |"
-        )
+        chosen = (r["best_guidance"], r.get("best_steps", DEFAULT_STEPS))
+        cells = {}
+        for s in r["sweep"]:
+            key = (s["guidance"], s.get("steps", DEFAULT_STEPS))
+            cells[key] = f"**{s['val_fid']:.1f}**" if key == chosen else f"{s['val_fid']:.1f}"
+        sweep.append(f"| {r['name']} | " + " | ".join(cells.get(k, "-") for k in grid) + " |")
     p = results[0]["protocol"]
     notes = (
-        f"\n- protocol: guidance chosen on {p['val_n']} samples against the first half of MNIST test, reported on "
-        f"{p['test_n']} samples against the second half; {p['bootstrap']} bootstrap rounds; heun, 18 steps\n"
+        f"\n- protocol: guidance and steps chosen on {p['val_n']} samples against the first half of MNIST test, "
+        f"reported on {p['test_n']} samples against the second half; {p['bootstrap']} bootstrap rounds; heun\n"
     )
     (out / "pareto.md").write_text("\n".join(lines + sweep) + "\n" + notes)
     (out / "pareto.json").write_text(json.dumps({"results": results, "summary": summary}, indent=2) + "\n")
@@ -275,6 +298,12 @@ def main() -> None:
     p.add_argument(
         "--guidance", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 1.5, 2.0, 3.0]
     )
+    p.add_argument(
+        "--steps",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[DEFAULT_STEPS],
+        help="sampler steps to sweep with the guidance scales (heun)",
+    )
     p.add_argument("--val-n", type=int, default=300)
     p.add_argument("--test-n", type=int, default=2000)
     p.add_argument("--bootstrap", type=int, default=200)
@@ -298,6 +327,7 @@ def main() -> None:
             model, overrides, kind = configs[name]
             result = run_config(name, model, overrides, kind, a)
             result["sweep_scales"] = a.guidance
+            result["sweep_steps"] = a.steps
             (keep / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     results = [json.loads(f.read_text()) for f in sorted(keep.glob("*.json"))]
     if results:

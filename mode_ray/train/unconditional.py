@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from mode_ray.generation import GenerateParams, generate_local
-from mode_ray.generation.bundle import MixtureBundle
+from mode_ray.generation.bundle import MixtureBundle, UnconditionalMode
 from mode_ray.routing.gates import Gate, LearnedGate
 from mode_ray.train.classifier import Classifier
 from mode_ray.train.data import Dataset
@@ -75,7 +75,7 @@ def sample(
     sampler: str | None = None,
     seed: int = 0,
     batch: int = 100,
-    unconditional: str = "null",
+    unconditional: UnconditionalMode = "null",
 ) -> tuple[torch.Tensor, dict[str, float], float]:
     """`num_samples` images (N, C, H, W) in [0, 1] for `prompt` (None: unconditional, by `unconditional`:
     'null' or 'prior'), routed to `experts` only when given; the mean routing weight of each expert over

@@ -12,6 +12,7 @@ import torch
 from mode_ray.cli import DEFAULT_MODEL
 from mode_ray.generation import GenerateParams, GenerationResult, generate_local, load_bundle, prepare
 from mode_ray.generation.bundle import MixtureConfig
+from mode_ray.generation.params import draw_labels
 from mode_ray.models.card import ExpertCard
 from mode_ray.models.checkpoint import CheckpointError, load_card
 from tests.routing.helpers import card
@@ -101,7 +102,6 @@ PRIOR_CONFIG = CONFIG.model_copy(update={"class_prior": PRIOR, "unconditional": 
 def test_unconditional_prior_draws_each_images_class_from_the_class_prior() -> None:
     """p(x) = sum_c p(c) p(x | c): each image its own class c ~ p(c), seeded by the request's seed, with
     the one-hot condition of that class; the same seed gives the same classes, whatever the front end."""
-    from mode_ray.generation.params import draw_labels
     from mode_ray.train.unconditional import chi_square
 
     state = prepare(GenerateParams(num_images=64, seed=11), PRIOR_CONFIG, CARDS)
@@ -120,8 +120,6 @@ def test_unconditional_prior_draws_each_images_class_from_the_class_prior() -> N
 
 
 def test_the_request_overrides_the_mixtures_unconditional_mode() -> None:
-    from mode_ray.generation.params import draw_labels
-
     null = prepare(GenerateParams(num_images=3, seed=1, unconditional="null"), PRIOR_CONFIG, CARDS)
     assert null.req.labels is None and null.cond is None and null.result().labels == [-1, -1, -1]
     null_default = PRIOR_CONFIG.model_copy(update={"unconditional": "null"})

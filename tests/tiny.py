@@ -100,7 +100,7 @@ def build_tiny_text_mixture(model: Path, backbones: tuple[str, ...] = ("unet", "
     from mode_ray.models.conditions import DIGIT_NAMES, pooled
     from mode_ray.models.text import shared_encoder
 
-    encoder = shared_encoder(TEXT_TOKENS)
+    encoder = shared_encoder(TEXT_TOKENS, "float32")  # as training builds prototypes
     condition = Condition(type="text", dim=encoder.dim, tokens=TEXT_TOKENS, encoder=encoder.name)
     names = []
     for i, backbone in enumerate(backbones):

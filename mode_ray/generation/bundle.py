@@ -22,6 +22,7 @@ from mode_ray.models.card import ExpertCard, format_validation_error, read_json
 from mode_ray.models.checkpoint import CheckpointError, Expert, load_expert, load_state, save_artifact
 from mode_ray.models.conditions import ClassLabelEncoder
 from mode_ray.models.decoder import LatentDecoder, load_decoder
+from mode_ray.models.text import TextPrecision
 from mode_ray.routing.gates import (
     Gate,
     LearnedGate,
@@ -72,6 +73,12 @@ class MixtureConfig(BaseModel):
     class_names: list[str] = Field(default_factory=lambda: list(ClassLabelEncoder().names))
     text_tokens: int = Field(
         0, ge=0, le=512, description="text only: token embeddings per prompt (L) beside the pooled one"
+    )
+    text_precision: TextPrecision = Field(
+        "auto",
+        description="text only: the sentence encoder's matmul weights when serving. float32: the reference; "
+        "bfloat16: ~1.9x faster on one CPU thread, pooled embeddings at cosine >= 0.9999; auto: bfloat16 where "
+        "the device multiplies it natively (AVX512-BF16 / AMX CPUs, sm80+ GPUs), else float32",
     )
     class_prior: list[float] | None = Field(
         None,

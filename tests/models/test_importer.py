@@ -391,7 +391,7 @@ def test_captions_set_the_prototype_the_gate_routes_by(tmp_path: Path) -> None:
     from mode_ray.models.conditions import pooled
     from mode_ray.models.text import TextEncoder
 
-    encoder = TextEncoder(tokens=4)
+    encoder = TextEncoder(tokens=4, precision="float32")  # what the importer encodes captions with
     captions = {
         "cats": ["a photo of a cat", "a small kitten asleep"],
         "cars": ["a red sports car", "a truck on a road"],

@@ -12,12 +12,26 @@ from mode_ray.models.text import TextEncoder, TextEncoderError, shared_encoder
 
 @pytest.fixture(scope="module")
 def encoder() -> TextEncoder:
-    return shared_encoder(16)
+    return shared_encoder(16, "float32")
+
+
+@pytest.fixture(scope="module")
+def encoder_bf16() -> TextEncoder:
+    return shared_encoder(16, "bfloat16")
+
+
+PROMPTS = [
+    "a handwritten seven",
+    "the digit 3",
+    "a thick, right-slanted 0 with a long tail",
+    "one",
+    "an image of the number nine, written quickly with a thin pen on grey paper",
+]
 
 
 def test_pooled_embedding_equals_sentence_transformers(encoder: TextEncoder) -> None:
     """The packaged model through sentence-transformers (the reference implementation) gives the same
-    normalised mean-pooled embedding as ours (transformers' BertModel on the same safetensors)."""
+    normalised mean-pooled embedding as ours (mode_ray.models.bert in float32 on the same safetensors)."""
     from sentence_transformers import SentenceTransformer
 
     prompts = ["a handwritten seven", "the digit 3", "a thick, right-slanted 0 with a long tail"]
@@ -81,3 +95,58 @@ def test_encode_one_remembers_recent_prompts(encoder: TextEncoder) -> None:
     again = encoder.encode_one("a handwritten five")
     assert torch.equal(again, encoder.encode(["a handwritten five"])) and again.any()
     assert "a handwritten five" in encoder._cache
+
+
+def test_float32_forward_equals_transformers_bert(encoder: TextEncoder) -> None:
+    """Every token's hidden state, padded batch included, equals transformers' BertModel on the same weights:
+    the fused projections change the arithmetic's order only."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertModel
+
+    root = text.model_dir()
+    reference = BertModel(
+        BertConfig.from_dict(json.loads((root / "config.json").read_text())), add_pooling_layer=False
+    )
+    reference.load_state_dict(load_file(str(root / "model.safetensors")), strict=False)
+    reference.eval()
+    encodings = encoder.tokenizer.encode_batch(PROMPTS)
+    n = max(len(e.ids) for e in encodings)
+    ids, mask = (
+        torch.zeros((len(PROMPTS), n), dtype=torch.long),
+        torch.zeros((len(PROMPTS), n), dtype=torch.long),
+    )
+    for i, e in enumerate(encodings):
+        ids[i, : len(e.ids)], mask[i, : len(e.ids)] = torch.tensor(e.ids), 1
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, n, D)
+    ours = encoder.bert(ids, mask)
+    real = mask.bool()
+    assert ours.shape == expected.shape and ours.dtype == torch.float32
+    assert (ours - expected)[real].abs().max() <= 1e-5
+
+
+def test_bfloat16_weights_stay_close_to_float32(encoder: TextEncoder, encoder_bf16: TextEncoder) -> None:
+    """bfloat16 matmul weights (float32 residual stream and norms): what the gates read (the pooled embedding)
+    keeps cosine >= 0.9999, each token embedding stays within 3% of its float32 norm; the packing is the same."""
+    assert encoder_bf16.precision == "bfloat16" and encoder.precision == "float32"
+    assert encoder_bf16.bert.layers[0].w_qkv.dtype == torch.bfloat16
+    exact, fast = encoder.encode(PROMPTS + [""]), encoder_bf16.encode(PROMPTS + [""])
+    assert fast.dtype == torch.float32 and torch.equal(token_mask(fast), token_mask(exact))
+    cosine = torch.nn.functional.cosine_similarity(pooled(fast)[:-1], pooled(exact)[:-1], dim=-1)
+    assert cosine.min() >= 0.9999
+    keep = token_mask(exact)
+    relative = (tokens(fast) - tokens(exact)).norm(dim=-1)[keep] / tokens(exact).norm(dim=-1)[keep]
+    assert relative.max() <= 0.03
+    assert not fast[-1].any()  # the null condition stays exactly zero
+
+
+def test_precision_auto_follows_the_device_and_bad_values_are_refused() -> None:
+    from mode_ray.models.bert import native_bfloat16
+
+    expected = "bfloat16" if native_bfloat16(torch.device("cpu")) else "float32"
+    assert text.resolve_precision("auto", torch.device("cpu")) == expected
+    assert text.resolve_precision("float32", torch.device("cpu")) == "float32"
+    with pytest.raises(ValueError, match="precision must be auto, float32 or bfloat16, got 'int8'"):
+        text.resolve_precision("int8", torch.device("cpu"))  # type: ignore[arg-type]

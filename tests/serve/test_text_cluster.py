@@ -55,7 +55,7 @@ def test_served_text_prompts_equal_the_in_process_mixture(cluster) -> None:  # n
             )
         # the encoder remembers prompts: one encoded earlier in this process at another thread count would
         # differ from the router's in the last bits (as the experts' sums do), so encode afresh, at one thread
-        shared_encoder(TEXT_TOKENS)._cache.clear()
+        shared_encoder(TEXT_TOKENS, bundle.config.text_precision)._cache.clear()
         for body, response in zip(requests, responses, strict=True):
             assert response.status_code == 200, response.text
             expected = generate_local(bundle.mixture, bundle.config, GenerateParams(**body)).images

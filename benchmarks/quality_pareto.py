@@ -21,6 +21,11 @@ weight floor 0.01 (as shipped) and top-p 0.9 (capped at every expert, no floor);
 (default: the shipped `mnist-dense-*` one-expert mixtures) as it is; `--extra LABEL=DIR` adds another mixture
 (e.g. scripts/train_kmeans8.sh's) under the same routing configurations, named `LABEL-top-1`, ...
 
+The baseline is the dense *frontier*: at a mixture point's GFLOPs, the lowest test FID of any dense point that
+costs no more (a step curve, never an interpolation between sizes whose FID does not fall with size);
+`--dense-from DIR` adds the dense points another run of the same test protocol kept (e.g. the same models at
+other settings), so a cheap mixture point is compared with the cheap dense settings too.
+
 Writes benchmarks/results/quality/pareto/<config>.json, pareto.{md,json} and pareto.png. Not a test: run by hand.
 """
 
@@ -29,7 +34,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -161,18 +165,13 @@ def run_config(name: str, model: Path, overrides: dict, kind: str, a: argparse.N
     return result
 
 
-def dense_curve(results: list[dict], gflops: float) -> tuple[float, float, float] | None:
-    """The dense baselines' (FID, low, high) at `gflops`, linear in log GFLOPs between the two dense points
-    around it; None outside the dense range (no extrapolation)."""
-    pts = sorted(
-        ((r["test"]["gflops_per_image"], r["test"]) for r in results if r["kind"] == "dense"),
-        key=lambda p: p[0],
-    )
-    for (x0, a), (x1, b) in itertools.pairwise(pts):
-        if x0 <= gflops <= x1:
-            t = 0.0 if x1 == x0 else (math.log(gflops) - math.log(x0)) / (math.log(x1) - math.log(x0))
-            return tuple(a[k] + t * (b[k] - a[k]) for k in ("fid", "fid_low", "fid_high"))  # type: ignore[return-value]
-    return None
+def dense_frontier(dense: list[dict], gflops: float) -> dict | None:
+    """The best dense point bought with at most `gflops` per image: the lowest test FID among the dense
+    results (any size, any guidance and steps evaluated on the test half) that cost no more; None when every
+    dense point costs more (no extrapolation). A point below this step curve beats every dense model that is
+    as cheap or cheaper."""
+    cheaper = [r for r in dense if r["test"]["gflops_per_image"] <= gflops * (1 + 1e-9)]
+    return min(cheaper, key=lambda r: r["test"]["fid"]) if cheaper else None
 
 
 def setting(r: dict) -> str:
@@ -181,23 +180,52 @@ def setting(r: dict) -> str:
     return f"{r['best_guidance']:g}" + ("" if steps == DEFAULT_STEPS else f", {steps} steps")
 
 
-def report(results: list[dict], out: Path) -> None:
-    head = "| config | kind | active / total params | GFLOPs/image | best guidance | FID (95% CI) | accuracy (95% CI) | dense FID at equal GFLOPs | ratio | train FLOPs | train min |"
+def label(r: dict) -> str:
+    """A result's name with its chosen setting, e.g. `dense-s g=1.25, 30 steps`."""
+    return f"{r['name']} g={r['best_guidance']:g}, {r.get('best_steps', DEFAULT_STEPS)} steps"
+
+
+def report(results: list[dict], out: Path, baselines: list[dict] | None = None) -> None:
+    """pareto.md / .json / .png from this run's `results`; `baselines` are dense results of other runs of
+    the same protocol (other settings of the same models, e.g. a coarser grid's) that join the frontier."""
+    dense = [r for r in results if r["kind"] == "dense"] + list(baselines or [])
+    head = "| config | kind | active / total params | GFLOPs/image | best guidance | FID (95% CI) | accuracy (95% CI) | best dense at <= GFLOPs | ratio | train FLOPs | train min |"
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     summary = []
     for r in sorted(results, key=lambda r: (r["kind"], r["test"]["gflops_per_image"])):
         t = r["test"]
-        dense = dense_curve(results, t["gflops_per_image"]) if r["kind"] == "mixture" else None
-        ratio = None if dense is None else t["fid"] / dense[0]
-        separated = None if dense is None else t["fid_high"] < dense[1]
-        summary.append({"name": r["name"], "ratio_to_dense": ratio, "intervals_separate": separated})
-        dense_s = "-" if dense is None else f"{dense[0]:.1f} [{dense[1]:.1f}, {dense[2]:.1f}]"
+        best = dense_frontier(dense, t["gflops_per_image"]) if r["kind"] == "mixture" else None
+        ratio = None if best is None else t["fid"] / best["test"]["fid"]
+        separated = None if best is None else t["fid_high"] < best["test"]["fid_low"]
+        summary.append(
+            {
+                "name": r["name"],
+                "dense_frontier": None if best is None else label(best),
+                "ratio_to_dense": ratio,
+                "intervals_separate": separated,
+            }
+        )
+        dense_s = (
+            "-"
+            if best is None
+            else f"{best['test']['fid']:.1f} [{best['test']['fid_low']:.1f}, {best['test']['fid_high']:.1f}]"
+            f" ({label(best)})"
+        )
         ratio_s = "-" if ratio is None else f"{ratio:.2f}" + (" (CIs apart)" if separated else "")
         lines.append(
             f"| {r['name']} | {r['kind']} | {t['active_params'] / 1e6:.2f}M / {t['total_params'] / 1e6:.2f}M | "
             f"{t['gflops_per_image']:.2f} | {setting(r)} | {t['fid']:.1f} [{t['fid_low']:.1f}, "
             f"{t['fid_high']:.1f}] | {100 * t['accuracy']:.1f}% [{100 * t['accuracy_low']:.1f}, "
             f"{100 * t['accuracy_high']:.1f}] | {dense_s} | {ratio_s} | {r['training']['train_flops']:.2e} | "
+            f"{r['training']['train_seconds'] / 60:.0f} |"
+        )
+    for r in sorted(baselines or [], key=lambda r: r["test"]["gflops_per_image"]):
+        t = r["test"]
+        lines.append(
+            f"| {r['name']} (other run) | dense | {t['active_params'] / 1e6:.2f}M / {t['total_params'] / 1e6:.2f}M"
+            f" | {t['gflops_per_image']:.2f} | {setting(r)} | {t['fid']:.1f} [{t['fid_low']:.1f}, "
+            f"{t['fid_high']:.1f}] | {100 * t['accuracy']:.1f}% [{100 * t['accuracy_low']:.1f}, "
+            f"{100 * t['accuracy_high']:.1f}] | - | - | {r['training']['train_flops']:.2e} | "
             f"{r['training']['train_seconds'] / 60:.0f} |"
         )
     grid = sorted({(s["guidance"], s.get("steps", DEFAULT_STEPS)) for r in results for s in r["sweep"]})
@@ -220,48 +248,63 @@ def report(results: list[dict], out: Path) -> None:
     notes = (
         f"\n- protocol: guidance and steps chosen on {p['val_n']} samples against the first half of MNIST test, "
         f"reported on {p['test_n']} samples against the second half; {p['bootstrap']} bootstrap rounds; heun\n"
+        "- best dense at <= GFLOPs: the lowest test FID of any dense point (any size, at a setting evaluated on "
+        "the test half) that costs no more per image; ratio = the row's FID over it\n"
     )
     (out / "pareto.md").write_text("\n".join(lines + sweep) + "\n" + notes)
-    (out / "pareto.json").write_text(json.dumps({"results": results, "summary": summary}, indent=2) + "\n")
-    plot(results, out / "pareto.png")
+    (out / "pareto.json").write_text(
+        json.dumps({"results": results, "dense_baselines": baselines or [], "summary": summary}, indent=2)
+        + "\n"
+    )
+    plot(results, dense, out / "pareto.png")
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], dense: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    dense = sorted((r for r in results if r["kind"] == "dense"), key=lambda r: r["test"]["gflops_per_image"])
-    xs = [r["test"]["gflops_per_image"] for r in dense]
-    ys = [r["test"]["fid"] for r in dense]
-    err = [
-        [r["test"]["fid"] - r["test"]["fid_low"] for r in dense],
-        [r["test"]["fid_high"] - r["test"]["fid"] for r in dense],
-    ]
-    ax.errorbar(
-        xs,
-        ys,
-        yerr=err,
-        capsize=3,
-        label="dense (params: s, s2, m)",
-        color="tab:gray",
-        marker="s",
-        linestyle="-",
-    )
+    fig, ax = plt.subplots(figsize=(10.5, 5))
+    dense = sorted(dense, key=lambda r: r["test"]["gflops_per_image"])
     for r in dense:
+        t = r["test"]
+        ax.errorbar(
+            [t["gflops_per_image"]],
+            [t["fid"]],
+            yerr=[[t["fid"] - t["fid_low"]], [t["fid_high"] - t["fid"]]],
+            capsize=3,
+            color="tab:gray",
+            marker="s",
+            linestyle="none",
+        )
         ax.annotate(
-            f"{r['name']} g={r['best_guidance']:g}",
-            (r["test"]["gflops_per_image"], r["test"]["fid"]),
+            label(r),
+            (t["gflops_per_image"], t["fid"]),
             textcoords="offset points",
             xytext=(5, 5),
-            fontsize=8,
+            fontsize=7,
             color="tab:gray",
         )
-    for r in (r for r in results if r["kind"] == "mixture"):
+    mixtures = [r for r in results if r["kind"] == "mixture"]
+    right = max(r["test"]["gflops_per_image"] for r in dense + mixtures) * 1.1
+    xs, ys = [], []  # the frontier: a step down at every dense point that beats all cheaper ones
+    for r in dense:
+        x, y = r["test"]["gflops_per_image"], r["test"]["fid"]
+        if not ys or y < ys[-1]:
+            xs += [x] if not ys else [x, x]
+            ys += [y] if not ys else [ys[-1], y]
+    ax.plot(
+        xs + [right],
+        ys + [ys[-1]],
+        color="tab:gray",
+        linestyle="--",
+        label="dense frontier (best at <= GFLOPs)",
+    )
+    for r in mixtures:
         t = r["test"]
         named = r["model"].removeprefix("mnist-") in r["name"]  # an --extra mixture's names carry its label
+        name = r["name"] if named else r["model"] + " " + r["name"]
         ax.errorbar(
             [t["gflops_per_image"]],
             [t["fid"]],
@@ -269,16 +312,21 @@ def plot(results: list[dict], path: Path) -> None:
             marker="o",
             capsize=3,
             linestyle="none",
-            label=f"{r['name'] if named else r['model'] + ' ' + r['name']} g={r['best_guidance']:g}",
+            label=f"{name} g={r['best_guidance']:g}, {r.get('best_steps', DEFAULT_STEPS)} steps",
         )
     ax.set_xscale("log")
     ax.set_xlabel("inference GFLOPs per image (evaluated experts + gate, x2 with guidance)")
     ax.set_ylabel("classifier-FID, test half (bootstrap 95% CI)")
-    ax.set_title("MNIST: mixtures vs dense, equal training FLOPs")
-    ax.legend(fontsize=8)
+    ax.set_title("MNIST: mixtures vs dense (gray squares), equal training FLOPs")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def kept(out: Path) -> list[dict]:
+    """The per-configuration results a run kept under `out`/pareto/."""
+    return [json.loads(f.read_text()) for f in sorted((out / "pareto").glob("*.json"))]
 
 
 def main() -> None:
@@ -308,6 +356,14 @@ def main() -> None:
     p.add_argument("--test-n", type=int, default=2000)
     p.add_argument("--bootstrap", type=int, default=200)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--dense-from",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another run's output directory (same protocol): its dense results join the dense frontier",
+    )
     p.add_argument("--plot-only", action="store_true")
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args()
@@ -329,9 +385,16 @@ def main() -> None:
             result["sweep_scales"] = a.guidance
             result["sweep_steps"] = a.steps
             (keep / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    results = [json.loads(f.read_text()) for f in sorted(keep.glob("*.json"))]
+    results = kept(a.out)
+    baselines = [r for d in a.dense_from for r in kept(d) if r["kind"] == "dense"]
+    for r in baselines:  # the test half, its seeds and n must match; the validation n may differ
+        mine = {k: results[0]["protocol"][k] for k in ("test_n", "bootstrap")}
+        if {k: r["protocol"][k] for k in mine} != mine:
+            raise SystemExit(
+                f"--dense-from {r['name']}: test protocol {r['protocol']} is not this run's {mine}"
+            )
     if results:
-        report(results, a.out)
+        report(results, a.out, baselines)
         print((a.out / "pareto.md").read_text())
 
 

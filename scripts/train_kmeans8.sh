@@ -16,5 +16,5 @@ m = json.load(open(sys.argv[1]))
 m["min_weight"] = 0.01  # as shipped
 json.dump(m, open(sys.argv[1], "w"), indent=2)
 PY
-python benchmarks/quality_pareto.py --val-n 200 --test-n 1000 --guidance 1,2,3 --extra "kmeans8=$OUT" \
+python benchmarks/quality_pareto.py --val-n 200 --test-n 1000 --guidance 1,1.25,1.5 --steps 18,30 --extra "kmeans8=$OUT" \
   --only kmeans8-top-1,kmeans8-top-2-floor,kmeans8-top-p-0.9

@@ -32,15 +32,37 @@ def cluster(serve_cluster, tmp_path_factory):  # noqa: ANN001, ANN201
         yield serve_cluster, model
 
 
+REQUESTS = [
+    {"prompt": "a handwritten seven", "num_images": 2, "seed": 1},
+    {"prompt": "the digit 4", "num_images": 1, "seed": 2, "top_k": 1},
+    {"prompt": "number three, written thickly", "num_images": 2, "seed": 3, "guidance_scale": 1.0},
+    {"num_images": 1, "seed": 4},  # unconditional beside them: null rows stacked as zeros
+]
+
+
+def test_one_text_request_at_a_time_equals_the_in_process_mixture_to_1e_5(cluster) -> None:  # noqa: ANN001
+    """Alone on the cluster a request's rows meet the experts in the batches the in-process mixture forms, so
+    the wire, the routing, the stacking and the combine must reproduce it to the class-label cluster's 1e-5."""
+    sc, model = cluster
+    bundle = load_bundle(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the replicas: CPU reductions depend on the thread count
+    try:
+        shared_encoder(TEXT_TOKENS, bundle.config.text_precision)._cache.clear()
+        for body in REQUESTS:
+            response = httpx.post(f"{sc.http_url}/v1/generate", json={**body, "output": "json"}, timeout=120)
+            assert response.status_code == 200, response.text
+            expected = generate_local(bundle.mixture, bundle.config, GenerateParams(**body)).images
+            err = (GenerationResult.from_json(response.json()).images - expected).abs().max().item()
+            assert err <= 1e-5, (body, err)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_served_text_prompts_equal_the_in_process_mixture(cluster) -> None:  # noqa: ANN001
     sc, model = cluster
     bundle = load_bundle(model)
-    requests = [
-        {"prompt": "a handwritten seven", "num_images": 2, "seed": 1},
-        {"prompt": "the digit 4", "num_images": 1, "seed": 2, "top_k": 1},
-        {"prompt": "number three, written thickly", "num_images": 2, "seed": 3, "guidance_scale": 1.0},
-        {"num_images": 1, "seed": 4},  # unconditional beside them: null rows stacked as zeros
-    ]
+    requests = REQUESTS
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the replicas: CPU reductions depend on the thread count
     try:
@@ -59,10 +81,13 @@ def test_served_text_prompts_equal_the_in_process_mixture(cluster) -> None:  # n
         for body, response in zip(requests, responses, strict=True):
             assert response.status_code == 200, response.text
             expected = generate_local(bundle.mixture, bundle.config, GenerateParams(**body)).images
-            # 1e-4, not the 1e-5 of the class-label cluster: on an AVX2-only host (AMD EPYC, 2026-12-02) the
-            # guided 2-image request differs by 3.8e-5 under both the handle and the direct transport (the same
-            # value every run: kernel paths that depend on the merged batch's size, not the wire)
-            assert (GenerationResult.from_json(response.json()).images - expected).abs().max() <= 1e-4
+            # Merged with other requests' rows, the experts see larger batches than in process, and CPU GEMM
+            # picks its kernel by the row count: the first op that differs is the time-embedding Linear
+            # ((8, 32) against (2, 32): 1.2e-7), which the diffusers UNet and guidance amplify. Measured:
+            # 3.8e-5 (2026-12-02) and 6.5e-5 (2026-12-04, the guidance-1 request) on AMD EPYC hosts, every
+            # request alone 0.0 (the test above); so 2e-4 here, far below what a routing or weighting error gives
+            err = (GenerationResult.from_json(response.json()).images - expected).abs().max().item()
+            assert err <= 2e-4, (body, err)
         routed = {
             name for r in responses for step in r.json()["trace"] for row in step["experts"] for name in row
         }

@@ -3,6 +3,8 @@
     python benchmarks/quality_pareto.py                      # every configuration, then the chart
     python benchmarks/quality_pareto.py --only dense-s,top-1 # some of them (results are kept per configuration)
     python benchmarks/quality_pareto.py --plot-only          # redraw the chart and the table from kept results
+    python benchmarks/quality_pareto.py --settings-from benchmarks/results/quality --test-n 5000 --only top-1 \
+        --out benchmarks/results/quality/pareto-n5000        # the same settings, only a larger test set
 
 The protocol (issue 11): every configuration at its own best guidance, chosen on a *validation* set and reported
 on a disjoint *test* set. MNIST's test split is cut in two: the first half is the validation reference, the
@@ -90,7 +92,17 @@ def run_config(name: str, model: Path, overrides: dict, kind: str, a: argparse.N
     val_ref, test_ref = test.images[:half], test.images[half:]
     t0 = time.time()
     sweep = []
-    for g, steps in itertools.product(a.guidance, a.steps):
+    chosen_in = a.settings_from / "pareto" / f"{name}.json" if a.settings_from else None
+    if (
+        chosen_in is not None
+    ):  # the validation phase of an earlier run: its sweep and its choice, as they were
+        if not chosen_in.exists():
+            raise SystemExit(
+                f"--settings-from: {chosen_in} does not exist (run that configuration there first)"
+            )
+        earlier = json.loads(chosen_in.read_text())
+        sweep = earlier["sweep"]
+    for g, steps in [] if chosen_in else itertools.product(a.guidance, a.steps):
         r, _, _ = evaluate(
             bundle,
             judge,
@@ -116,6 +128,7 @@ def run_config(name: str, model: Path, overrides: dict, kind: str, a: argparse.N
             f"{r.gflops_per_image:.2f} GFLOPs"
         )
     best = min(sweep, key=lambda s: s["val_fid"])
+    best = {"steps": DEFAULT_STEPS, **best}  # sweeps of runs without a steps sweep ran the default
     r, x, y = evaluate(
         bundle,
         judge,
@@ -152,7 +165,7 @@ def run_config(name: str, model: Path, overrides: dict, kind: str, a: argparse.N
         "training": training_cost(model),
         "eval_seconds": round(time.time() - t0, 1),
         "protocol": {
-            "val_n": a.val_n,
+            "val_n": earlier["protocol"]["val_n"] if chosen_in else a.val_n,
             "test_n": a.test_n,
             "bootstrap": a.bootstrap,
             "threads": torch.get_num_threads(),
@@ -364,6 +377,14 @@ def main() -> None:
         metavar="DIR",
         help="another run's output directory (same protocol): its dense results join the dense frontier",
     )
+    p.add_argument(
+        "--settings-from",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="take each configuration's validation sweep and chosen setting from another run's output "
+        "directory and only draw the test samples (e.g. a larger --test-n at the same settings)",
+    )
     p.add_argument("--plot-only", action="store_true")
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args()
@@ -382,8 +403,8 @@ def main() -> None:
         for name in names:
             model, overrides, kind = configs[name]
             result = run_config(name, model, overrides, kind, a)
-            result["sweep_scales"] = a.guidance
-            result["sweep_steps"] = a.steps
+            result["sweep_scales"] = sorted({s["guidance"] for s in result["sweep"]})
+            result["sweep_steps"] = sorted({s.get("steps", DEFAULT_STEPS) for s in result["sweep"]})
             (keep / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     results = kept(a.out)
     baselines = [r for d in a.dense_from for r in kept(d) if r["kind"] == "dense"]

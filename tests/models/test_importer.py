@@ -186,6 +186,7 @@ def mixture_sample(
 CASES = {  # name -> (the model, its prediction_type, how it is saved)
     "unet2d-epsilon": (unet2d, "epsilon", save_pipeline),
     "unet2d-v": (unet2d, "v_prediction", save_model),
+    "unet2d-sample": (unet2d, "sample", save_model),
     "unet2d-condition-epsilon": (unet2d_condition, "epsilon", save_pipeline),
     "dit-epsilon": (dit, "epsilon", save_model),
 }

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from mode_ray.diffusion import SamplerName
 from mode_ray.generation.bundle import MixtureConfig, UnconditionalMode, encoder_for
@@ -51,6 +51,15 @@ class GenerateParams(BaseModel):
     exclude_experts: list[ExpertName] = Field(
         default_factory=list, max_length=MAX_LISTED_EXPERTS, description="never route to these experts"
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, v: object, info: ValidationInfo) -> object:
+        # JSON true / false would otherwise pass as 1 / 0 (a class, a seed, an image count): no field is a flag
+        if isinstance(v, bool):
+            name = cls.model_fields[info.field_name].alias or info.field_name
+            raise ValueError(f"{name} must not be a boolean (got {str(v).lower()})")
+        return v
 
     @field_validator("prompt")
     @classmethod

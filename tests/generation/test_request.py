@@ -181,3 +181,19 @@ def test_a_split_request_keeps_each_slices_drawn_classes() -> None:
     ]
     assert all(torch.equal(p.cond, state.cond[i * 2 : i * 2 + p.rows]) for i, p in enumerate(parts))
     assert merge_results([p.result() for p in parts]).labels == list(state.req.labels)
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"prompt": True}, "prompt must not be a boolean"),
+        ({"class": False}, "class must not be a boolean"),
+        ({"num_images": True}, "num_images must not be a boolean"),
+        ({"seed": False}, "seed must not be a boolean"),
+        ({"guidance_scale": True}, "guidance_scale must not be a boolean"),
+    ],
+)
+def test_json_booleans_are_not_numbers(fields, words) -> None:  # noqa: ANN001
+    """JSON true / false would otherwise become 1 / 0 (class 1, seed 0, one image): refused, naming the field."""
+    with pytest.raises(ValueError, match=words):
+        GenerateParams.model_validate(fields)

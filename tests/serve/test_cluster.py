@@ -131,6 +131,8 @@ def test_http_png_and_field_errors(cluster) -> None:  # noqa: ANN001
     assert bad.status_code == 400 and "giraffe" in bad.json()["detail"]
     bad = post(sc.http_url, {"prompt": 1, "experts": ["nope"]})
     assert bad.status_code == 400 and "nope" in bad.json()["detail"]
+    bad = post(sc.http_url, {"prompt": True})  # not class 1
+    assert bad.status_code == 422 and "prompt must not be a boolean" in bad.json()["error"]
     bad = post(sc.http_url, {"prompt": 1, "sampler": "magic"})
     assert bad.status_code == 422 and "sampler" in bad.json()["error"]
     bad = post(sc.http_url, {"prompt": "seven " * 40_000})  # a 240 KB prompt is refused, not echoed back

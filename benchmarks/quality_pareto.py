@@ -210,12 +210,14 @@ def report(results: list[dict], out: Path, baselines: list[dict] | None = None) 
         best = dense_frontier(dense, t["gflops_per_image"]) if r["kind"] == "mixture" else None
         ratio = None if best is None else t["fid"] / best["test"]["fid"]
         separated = None if best is None else t["fid_high"] < best["test"]["fid_low"]
+        dense_better = None if best is None else t["fid_low"] > best["test"]["fid_high"]
         summary.append(
             {
                 "name": r["name"],
                 "dense_frontier": None if best is None else label(best),
                 "ratio_to_dense": ratio,
                 "intervals_separate": separated,
+                "dense_better_intervals_separate": dense_better,
             }
         )
         dense_s = (
@@ -224,7 +226,14 @@ def report(results: list[dict], out: Path, baselines: list[dict] | None = None) 
             else f"{best['test']['fid']:.1f} [{best['test']['fid_low']:.1f}, {best['test']['fid_high']:.1f}]"
             f" ({label(best)})"
         )
-        ratio_s = "-" if ratio is None else f"{ratio:.2f}" + (" (CIs apart)" if separated else "")
+        apart = (
+            " (CIs apart: mixture better)"
+            if separated
+            else " (CIs apart: dense better)"
+            if dense_better
+            else ""
+        )
+        ratio_s = "-" if ratio is None else f"{ratio:.2f}{apart}"
         lines.append(
             f"| {r['name']} | {r['kind']} | {t['active_params'] / 1e6:.2f}M / {t['total_params'] / 1e6:.2f}M | "
             f"{t['gflops_per_image']:.2f} | {setting(r)} | {t['fid']:.1f} [{t['fid_low']:.1f}, "

@@ -55,10 +55,11 @@ class GenerateParams(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_booleans(cls, v: object, info: ValidationInfo) -> object:
-        # JSON true / false would otherwise pass as 1 / 0 (a class, a seed, an image count): no field is a flag
-        if isinstance(v, bool):
-            name = cls.model_fields[info.field_name].alias or info.field_name
-            raise ValueError(f"{name} must not be a boolean (got {str(v).lower()})")
+        # JSON true / false would otherwise pass as 1 / 0 (a class, a seed, an image count) where a field is
+        # not a flag (subclasses may add flags, e.g. the HTTP body's `timing`)
+        field = cls.model_fields[info.field_name]
+        if isinstance(v, bool) and field.annotation not in (bool, bool | None):
+            raise ValueError(f"{field.alias or info.field_name} must not be a boolean (got {str(v).lower()})")
         return v
 
     @field_validator("prompt")

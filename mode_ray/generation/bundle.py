@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from mode_ray.diffusion import SamplerName
 from mode_ray.diffusion.denoiser import check_sigma_range
@@ -22,6 +22,7 @@ from mode_ray.models.card import ExpertCard, format_validation_error, read_json
 from mode_ray.models.checkpoint import CheckpointError, Expert, load_expert, load_state, save_artifact
 from mode_ray.models.conditions import ClassLabelEncoder
 from mode_ray.models.decoder import LatentDecoder, load_decoder
+from mode_ray.models.strict import NoBooleanNumbers
 from mode_ray.models.text import TextPrecision
 from mode_ray.routing.gates import (
     Gate,
@@ -38,7 +39,7 @@ GATE_CARD = "gate.json"
 UnconditionalMode = Literal["prior", "null"]
 
 
-class GateSpec(BaseModel):
+class GateSpec(NoBooleanNumbers):
     """Which gates to sum: the prototype gate (tau), the noise gate, the learned gate (directory)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -47,7 +48,7 @@ class GateSpec(BaseModel):
     learned: str | None = "gate"  # directory relative to the mixture directory
 
 
-class MixtureConfig(BaseModel):
+class MixtureConfig(NoBooleanNumbers):
     model_config = ConfigDict(extra="forbid")
     name: str = "mixture"
     experts: list[str]

@@ -9,10 +9,11 @@ from typing import Annotated
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from mode_ray.diffusion import SamplerName
 from mode_ray.generation.bundle import MixtureConfig, UnconditionalMode, encoder_for
+from mode_ray.models.strict import NoBooleanNumbers
 
 DEFAULT_NUM_IMAGES = 4  # the one default of HTTP, gRPC, the CLI and the Python API
 MAX_NUM_IMAGES = 256
@@ -22,7 +23,7 @@ LABEL_STREAM = 0x1ABE1  # the classes drawn under unconditional='prior' come fro
 ExpertName = Annotated[str, Field(min_length=1, max_length=128)]
 
 
-class GenerateParams(BaseModel):
+class GenerateParams(NoBooleanNumbers):
     """One generation request. Unset fields take the mixture's defaults (`mixture.json`)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
@@ -51,16 +52,6 @@ class GenerateParams(BaseModel):
     exclude_experts: list[ExpertName] = Field(
         default_factory=list, max_length=MAX_LISTED_EXPERTS, description="never route to these experts"
     )
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_booleans(cls, v: object, info: ValidationInfo) -> object:
-        # JSON true / false would otherwise pass as 1 / 0 (a class, a seed, an image count) where a field is
-        # not a flag (subclasses may add flags, e.g. the HTTP body's `timing`)
-        field = cls.model_fields[info.field_name]
-        if isinstance(v, bool) and field.annotation not in (bool, bool | None):
-            raise ValueError(f"{field.alias or info.field_name} must not be a boolean (got {str(v).lower()})")
-        return v
 
     @field_validator("prompt")
     @classmethod

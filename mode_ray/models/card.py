@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -17,10 +16,12 @@ from pydantic import (
     model_validator,
 )
 
+from mode_ray.models.strict import NoBooleanNumbers
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
 
-class Parametrization(BaseModel):
+class Parametrization(NoBooleanNumbers):
     """How the expert's network is parametrised inside; the expert always *exposes* EDM x0_hat."""
 
     model_config = ConfigDict(extra="forbid")
@@ -41,7 +42,7 @@ Backbone = Literal["unet", "dit", "diffusers_unet2d", "diffusers_unet2d_conditio
 DIFFUSERS_BACKBONES = ("diffusers_unet2d", "diffusers_unet2d_condition", "diffusers_dit")
 
 
-class Condition(BaseModel):
+class Condition(NoBooleanNumbers):
     """What an expert is conditioned on. `class_label`: one-hot rows (B, D). `text`: a sentence encoder's
     pooled embedding (B, D) and, when `tokens` > 0, its token embeddings packed beside it as (B, 1 + L, D)
     (see mode_ray.models.conditions). The all-zeros condition is the null condition in both."""
@@ -71,7 +72,7 @@ class Condition(BaseModel):
         return (1 + self.tokens, self.dim) if self.tokens else (self.dim,)
 
 
-class DataSummary(BaseModel):
+class DataSummary(NoBooleanNumbers):
     model_config = ConfigDict(extra="allow")
     dataset: str = "mnist"
     partition: str = "all"  # e.g. "labels:0,6" or "kmeans:4:2" (k clusters, cluster index)
@@ -79,7 +80,7 @@ class DataSummary(BaseModel):
     label_counts: dict[str, int] = Field(default_factory=dict)
 
 
-class ExpertCard(BaseModel):
+class ExpertCard(NoBooleanNumbers):
     """Card of one expert. Every expert of one mixture shares `formulation`, `latent_shape` and `condition`."""
 
     model_config = ConfigDict(extra="forbid")

@@ -7,9 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from mode_ray import env
+from mode_ray.models.strict import NoBooleanNumbers
 from mode_ray.serve.autoscaling import POLICY as LOAD_POLICY
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "pretrained" / "mnist"
@@ -48,7 +49,7 @@ def expert_route_prefix(name: str) -> str:
     return f"/experts/{name}"
 
 
-class EmulatedLatency(BaseModel):
+class EmulatedLatency(NoBooleanNumbers):
     """Benchmarks only: the expert answers after base_ms + per_row_ms * rows with a cheap deterministic
     output (mode_ray.models.emulated), modelling a GPU expert so the router's own ceiling is measured."""
 
@@ -57,7 +58,7 @@ class EmulatedLatency(BaseModel):
     per_row_ms: float = Field(0.01, ge=0, le=1_000)
 
 
-class ExpertDeployment(BaseModel):
+class ExpertDeployment(NoBooleanNumbers):
     """Resources, autoscaling and batching of one expert deployment."""
 
     model_config = ConfigDict(extra="forbid")
@@ -184,7 +185,7 @@ class ExpertDeployment(BaseModel):
         }
 
 
-class RouterOptions(BaseModel):
+class RouterOptions(NoBooleanNumbers):
     """The step engine of the router deployment."""
 
     model_config = ConfigDict(extra="forbid")
@@ -258,7 +259,7 @@ class RouterOptions(BaseModel):
     )
 
 
-class DecoderOptions(BaseModel):
+class DecoderOptions(NoBooleanNumbers):
     """Where a latent mixture's decoder runs (ignored for a pixel-space mixture, which has none)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -288,7 +289,7 @@ class DecoderOptions(BaseModel):
         }
 
 
-class IngressOptions(BaseModel):
+class IngressOptions(NoBooleanNumbers):
     """The HTTP + gRPC front deployment (stateless: scale it freely)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -300,7 +301,7 @@ class IngressOptions(BaseModel):
     )
 
 
-class AppArgs(BaseModel):
+class AppArgs(NoBooleanNumbers):
     """Arguments of `mode_ray.serve.app:build_app` (Serve YAML `args:`) and of `mode-ray serve`."""
 
     model_config = ConfigDict(extra="forbid")

@@ -36,6 +36,7 @@ from mode_ray.models.checkpoint import (
     load_card,
 )
 from mode_ray.models.decoder import load_decoder
+from mode_ray.models.strict import NoBooleanNumbers
 from mode_ray.models.text import shared_encoder
 from mode_ray.routing.gates import Gate
 from mode_ray.serve.config import (
@@ -55,7 +56,7 @@ from mode_ray.serve.transport import ExpertClient, client_for
 log = logging.getLogger("ray.serve")
 
 
-class AddExpert(BaseModel):
+class AddExpert(NoBooleanNumbers):
     """Body of `POST /v1/experts`: an expert directory under the expert root, optionally served elsewhere."""
 
     model_config = ConfigDict(extra="forbid")

@@ -198,6 +198,18 @@ def label(r: dict) -> str:
     return f"{r['name']} g={r['best_guidance']:g}, {r.get('best_steps', DEFAULT_STEPS)} steps"
 
 
+def table_row(r: dict, name: str, dense: str, ratio: str) -> str:
+    """One result as a row of pareto.md's table."""
+    t = r["test"]
+    return (
+        f"| {name} | {r['kind']} | {t['active_params'] / 1e6:.2f}M / {t['total_params'] / 1e6:.2f}M | "
+        f"{t['gflops_per_image']:.2f} | {setting(r)} | {t['fid']:.1f} [{t['fid_low']:.1f}, "
+        f"{t['fid_high']:.1f}] | {100 * t['accuracy']:.1f}% [{100 * t['accuracy_low']:.1f}, "
+        f"{100 * t['accuracy_high']:.1f}] | {dense} | {ratio} | {r['training']['train_flops']:.2e} | "
+        f"{r['training']['train_seconds'] / 60:.0f} |"
+    )
+
+
 def report(results: list[dict], out: Path, baselines: list[dict] | None = None) -> None:
     """pareto.md / .json / .png from this run's `results`; `baselines` are dense results of other runs of
     the same protocol (other settings of the same models, e.g. a coarser grid's) that join the frontier."""
@@ -234,22 +246,9 @@ def report(results: list[dict], out: Path, baselines: list[dict] | None = None) 
             else ""
         )
         ratio_s = "-" if ratio is None else f"{ratio:.2f}{apart}"
-        lines.append(
-            f"| {r['name']} | {r['kind']} | {t['active_params'] / 1e6:.2f}M / {t['total_params'] / 1e6:.2f}M | "
-            f"{t['gflops_per_image']:.2f} | {setting(r)} | {t['fid']:.1f} [{t['fid_low']:.1f}, "
-            f"{t['fid_high']:.1f}] | {100 * t['accuracy']:.1f}% [{100 * t['accuracy_low']:.1f}, "
-            f"{100 * t['accuracy_high']:.1f}] | {dense_s} | {ratio_s} | {r['training']['train_flops']:.2e} | "
-            f"{r['training']['train_seconds'] / 60:.0f} |"
-        )
+        lines.append(table_row(r, r["name"], dense_s, ratio_s))
     for r in sorted(baselines or [], key=lambda r: r["test"]["gflops_per_image"]):
-        t = r["test"]
-        lines.append(
-            f"| {r['name']} (other run) | dense | {t['active_params'] / 1e6:.2f}M / {t['total_params'] / 1e6:.2f}M"
-            f" | {t['gflops_per_image']:.2f} | {setting(r)} | {t['fid']:.1f} [{t['fid_low']:.1f}, "
-            f"{t['fid_high']:.1f}] | {100 * t['accuracy']:.1f}% [{100 * t['accuracy_low']:.1f}, "
-            f"{100 * t['accuracy_high']:.1f}] | - | - | {r['training']['train_flops']:.2e} | "
-            f"{r['training']['train_seconds'] / 60:.0f} |"
-        )
+        lines.append(table_row(r, f"{r['name']} (other run)", "-", "-"))
     grid = sorted({(s["guidance"], s.get("steps", DEFAULT_STEPS)) for r in results for s in r["sweep"]})
     one_steps = len({st for _, st in grid}) == 1
     sweep = ["", "Validation sweep (classifier-FID on the validation half; the chosen setting in bold):", ""]

@@ -333,7 +333,7 @@ def plot(results: list[dict], dense: list[dict], path: Path) -> None:
             marker="o",
             capsize=3,
             linestyle="none",
-            label=f"{name} g={r['best_guidance']:g}, {r.get('best_steps', DEFAULT_STEPS)} steps",
+            label=label({**r, "name": name}),
         )
     ax.set_xscale("log")
     ax.set_xlabel("inference GFLOPs per image (evaluated experts + gate, x2 with guidance)")

@@ -32,6 +32,22 @@ def cluster(serve_cluster, tmp_path_factory):  # noqa: ANN001, ANN201
         yield serve_cluster, model
 
 
+@pytest.fixture
+def one_torch_thread():  # noqa: ANN201
+    """As the replicas run: CPU reductions depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def served_error(bundle, body: dict, response: httpx.Response) -> float:  # noqa: ANN001
+    """Max abs difference of a served JSON reply's images from the same request in process."""
+    assert response.status_code == 200, response.text
+    expected = generate_local(bundle.mixture, bundle.config, GenerateParams(**body)).images
+    return (GenerationResult.from_json(response.json()).images - expected).abs().max().item()
+
+
 REQUESTS = [
     {"prompt": "a handwritten seven", "num_images": 2, "seed": 1},
     {"prompt": "the digit 4", "num_images": 1, "seed": 2, "top_k": 1},
@@ -40,60 +56,43 @@ REQUESTS = [
 ]
 
 
-def test_one_text_request_at_a_time_equals_the_in_process_mixture_to_1e_5(cluster) -> None:  # noqa: ANN001
+def test_one_text_request_at_a_time_equals_the_in_process_mixture_to_1e_5(cluster, one_torch_thread) -> None:  # noqa: ANN001
     """Alone on the cluster a request's rows meet the experts in the batches the in-process mixture forms, so
     the wire, the routing, the stacking and the combine must reproduce it to the class-label cluster's 1e-5."""
     sc, model = cluster
     bundle = load_bundle(model)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the replicas: CPU reductions depend on the thread count
-    try:
-        shared_encoder(TEXT_TOKENS, bundle.config.text_precision)._cache.clear()
-        for body in REQUESTS:
-            response = httpx.post(f"{sc.http_url}/v1/generate", json={**body, "output": "json"}, timeout=120)
-            assert response.status_code == 200, response.text
-            expected = generate_local(bundle.mixture, bundle.config, GenerateParams(**body)).images
-            err = (GenerationResult.from_json(response.json()).images - expected).abs().max().item()
-            assert err <= 1e-5, (body, err)
-    finally:
-        torch.set_num_threads(threads)
+    shared_encoder(TEXT_TOKENS, bundle.config.text_precision)._cache.clear()
+    for body in REQUESTS:
+        response = httpx.post(f"{sc.http_url}/v1/generate", json={**body, "output": "json"}, timeout=120)
+        err = served_error(bundle, body, response)
+        assert err <= 1e-5, (body, err)
 
 
-def test_served_text_prompts_equal_the_in_process_mixture(cluster) -> None:  # noqa: ANN001
+def test_served_text_prompts_equal_the_in_process_mixture(cluster, one_torch_thread) -> None:  # noqa: ANN001
     sc, model = cluster
     bundle = load_bundle(model)
-    requests = REQUESTS
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the replicas: CPU reductions depend on the thread count
-    try:
-        with ThreadPoolExecutor(len(requests)) as pool:  # concurrent: rows of all of them share expert calls
-            responses = list(
-                pool.map(
-                    lambda b: httpx.post(
-                        f"{sc.http_url}/v1/generate", json={**b, "output": "json"}, timeout=120
-                    ),
-                    requests,
-                )
+    with ThreadPoolExecutor(len(REQUESTS)) as pool:  # concurrent: rows of all of them share expert calls
+        responses = list(
+            pool.map(
+                lambda b: httpx.post(f"{sc.http_url}/v1/generate", json={**b, "output": "json"}, timeout=120),
+                REQUESTS,
             )
-        # the encoder remembers prompts: one encoded earlier in this process at another thread count would
-        # differ from the router's in the last bits (as the experts' sums do), so encode afresh, at one thread
-        shared_encoder(TEXT_TOKENS, bundle.config.text_precision)._cache.clear()
-        for body, response in zip(requests, responses, strict=True):
-            assert response.status_code == 200, response.text
-            expected = generate_local(bundle.mixture, bundle.config, GenerateParams(**body)).images
-            # Merged with other requests' rows, the experts see larger batches than in process, and CPU GEMM
-            # picks its kernel by the row count: the first op that differs is the time-embedding Linear
-            # ((8, 32) against (2, 32): 1.2e-7), which the diffusers UNet and guidance amplify. Measured:
-            # 3.8e-5 (2026-12-02) and 6.5e-5 (2026-12-04, the guidance-1 request) on AMD EPYC hosts, every
-            # request alone 0.0 (the test above); so 2e-4 here, far below what a routing or weighting error gives
-            err = (GenerationResult.from_json(response.json()).images - expected).abs().max().item()
-            assert err <= 2e-4, (body, err)
-        routed = {
-            name for r in responses for step in r.json()["trace"] for row in step["experts"] for name in row
-        }
-        assert routed == {"t0", "t1", "t2"}  # the UNet, the DiT and the imported diffusers UNet all answered
-    finally:
-        torch.set_num_threads(threads)
+        )
+    # the encoder remembers prompts: one encoded earlier in this process at another thread count would
+    # differ from the router's in the last bits (as the experts' sums do), so encode afresh, at one thread
+    shared_encoder(TEXT_TOKENS, bundle.config.text_precision)._cache.clear()
+    for body, response in zip(REQUESTS, responses, strict=True):
+        # Merged with other requests' rows, the experts see larger batches than in process, and CPU GEMM
+        # picks its kernel by the row count: the first op that differs is the time-embedding Linear
+        # ((8, 32) against (2, 32): 1.2e-7), which the diffusers UNet and guidance amplify. Measured:
+        # 3.8e-5 (2026-12-02) and 6.5e-5 (2026-12-04, the guidance-1 request) on AMD EPYC hosts, every
+        # request alone 0.0 (the test above); so 2e-4 here, far below what a routing or weighting error gives
+        err = served_error(bundle, body, response)
+        assert err <= 2e-4, (body, err)
+    routed = {
+        name for r in responses for step in r.json()["trace"] for row in step["experts"] for name in row
+    }
+    assert routed == {"t0", "t1", "t2"}  # the UNet, the DiT and the imported diffusers UNet all answered
     bad = httpx.post(f"{sc.http_url}/v1/generate", json={"class": 3}, timeout=30)
     assert bad.status_code == 400 and "free-text prompts" in bad.json()["detail"]
 

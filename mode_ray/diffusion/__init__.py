@@ -5,7 +5,15 @@ Nothing here imports ray or grpc; `routing`, `serve` and `train` build on it.
 
 from mode_ray.diffusion.denoiser import Denoiser, EDMPrecond
 from mode_ray.diffusion.loss import edm_loss, sample_training_sigmas
-from mode_ray.diffusion.samplers import SAMPLERS, SamplerName, Trajectory, make_trajectory, sample
+from mode_ray.diffusion.samplers import (
+    SAMPLERS,
+    SamplerName,
+    Trajectory,
+    advance_many,
+    make_trajectory,
+    sample,
+    to_d,
+)
 from mode_ray.diffusion.schedules import karras_sigmas
 
 __all__ = [
@@ -14,9 +22,11 @@ __all__ = [
     "SAMPLERS",
     "SamplerName",
     "Trajectory",
+    "advance_many",
     "edm_loss",
     "karras_sigmas",
     "make_trajectory",
     "sample",
     "sample_training_sigmas",
+    "to_d",
 ]

@@ -1,5 +1,6 @@
-"""One denoising step for many requests at once: the rows of every request are planned, combined and
-guided as one batch, so the router's per-tick work is a few tensor ops whatever the number of requests.
+"""One denoising step for many requests at once: the rows of every request are planned, combined, guided
+and stepped (`advance_many`) as one batch, so the router's per-tick work is a few tensor ops whatever the
+number of requests; what is left per request is its routing trace.
 
     q = stack_queries(states)                          # every request's next evaluation point, stacked
     plan = plan_batch(states, q, gate(q.x, q.sigma, q.cond, cards))
@@ -16,9 +17,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
+from mode_ray.diffusion.samplers import advance_many
 from mode_ray.generation.request import RequestState, trace_step
 from mode_ray.routing.step import combine, dispatch, needs_guidance
 from mode_ray.routing.topk import PAD, Routing, drop_slots, route
@@ -34,9 +37,15 @@ def stack_cond(conds: Sequence[torch.Tensor | None], rows: Sequence[int]) -> tor
     present = [c for c in conds if c is not None]
     if not present:
         return None
+    if len(present) == len(conds):
+        return torch.cat(present)
     shape, device = present[0].shape[1:], present[0].device
-    zeros = [torch.zeros(r, *shape, device=device) for r in rows]
-    return torch.cat([c if c is not None else z for c, z in zip(conds, zeros, strict=True)])
+    return torch.cat(
+        [
+            c if c is not None else torch.zeros(r, *shape, device=device)
+            for c, r in zip(conds, rows, strict=True)
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -51,15 +60,27 @@ class Queries:
 
 
 def stack_queries(states: Sequence[RequestState]) -> Queries:
-    queries = [s.query() for s in states]
-    sizes = [q[0].shape[0] for q in queries]
-    starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    trajs = [s.traj for s in states]
+    x = torch.cat([t.query_x() for t in trajs])
+    sizes = [t.rows for t in trajs]
+    sigma = per_row([t.query_sigma() for t in trajs], sizes, x.dtype, x.device)  # (R,) as query() has it
+    starts = list(accumulate(sizes, initial=0))
     return Queries(
-        torch.cat([q[0] for q in queries]),
-        torch.cat([q[1] for q in queries]),
+        x,
+        sigma,
         stack_cond([s.cond for s in states], sizes),
         list(zip(starts[:-1], starts[1:], strict=True)),
     )
+
+
+def per_row(
+    values: Sequence[float], sizes: Sequence[int], dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """(sum sizes,) values[i] repeated sizes[i] times: one tensor op per batch, not one per request."""
+    v = torch.tensor(values, dtype=dtype, device=device)
+    if any(n != 1 for n in sizes):
+        v = v.repeat_interleave(torch.tensor(sizes, device=device))
+    return v
 
 
 @dataclass(frozen=True)
@@ -105,19 +126,25 @@ def plan_batch(states: Sequence[RequestState], queries: Queries, logits: torch.T
     in `failed` with the reason and gets no rows; the others are planned as if alone.
     """
     x, sigma, cond, spans = queries.x, queries.sigma, queries.cond, queries.spans
+    n, device = len(states), logits.device
+    owner_q = per_row(range(n), [b - a for a, b in spans], torch.long, device)  # (R,) each row's request
     logits = logits.masked_fill(
         torch.isnan(logits), -math.inf
     )  # a NaN score excludes that expert, not the row
+    masked = [i for i, s in enumerate(states) if s.allowed is not None]
+    if masked:  # pinned / excluded experts: one mask row per request, gathered per row
+        allowed = torch.ones((n, logits.shape[1]), dtype=torch.bool, device=device)
+        for i in masked:
+            allowed[i] = states[i].allowed.to(device)  # type: ignore[union-attr]
+        logits = logits.masked_fill(~allowed[owner_q], -math.inf)
+    dead = ~torch.isfinite(logits).any(dim=1)  # (R,)
     failed: dict[int, str] = {}
-    for i, (s, (a, b)) in enumerate(zip(states, spans, strict=True)):
-        if s.allowed is not None:
-            logits[a:b] = logits[a:b].masked_fill(~s.allowed.to(logits.device)[None], -math.inf)
-        block = logits[a:b]
-        dead = ~torch.isfinite(block).any(dim=1)
-        if dead.any():
+    if dead.any():
+        for i in sorted(set(owner_q[dead].tolist())):
+            a, b = spans[i]
             failed[i] = (
-                f"no expert can take row(s) {dead.nonzero().flatten().tolist()}: every logit is -inf or NaN "
-                "(check the experts' sigma intervals and the pinned/excluded experts)"
+                f"no expert can take row(s) {dead[a:b].nonzero().flatten().tolist()}: every logit is -inf or "
+                "NaN (check the experts' sigma intervals and the pinned/excluded experts)"
             )
     # one top-k (or top-p / floor) per distinct routing setting, over all the rows that share it
     groups: dict[tuple, list[int]] = {}
@@ -125,23 +152,25 @@ def plan_batch(states: Sequence[RequestState], queries: Queries, logits: torch.T
         if i not in failed:
             groups.setdefault((s.req.top_k, s.req.top_p, s.req.min_weight), []).append(i)
     k_max = max([min(k, logits.shape[1]) for k, _, _ in groups] or [1])
-    indices = torch.full((len(x), k_max), PAD, dtype=torch.long, device=logits.device)
-    weights = torch.zeros((len(x), k_max), dtype=logits.dtype, device=logits.device)
+    indices = torch.full((len(x), k_max), PAD, dtype=torch.long, device=device)
+    weights = torch.zeros((len(x), k_max), dtype=logits.dtype, device=device)
     for (k, p, floor), members in groups.items():
-        rows = torch.cat([torch.arange(*spans[i], device=logits.device) for i in members])
+        if len(members) == n:  # every row (the usual case): no gather
+            r = _pad(route(logits, k, p, floor), k_max)
+            indices, weights = r.indices, r.weights
+            continue
+        member = torch.zeros(n, dtype=torch.bool, device=device)
+        member[members] = True
+        rows = member[owner_q].nonzero().flatten()
         r = _pad(route(logits[rows], k, p, floor), k_max)
         indices[rows], weights[rows] = r.indices, r.weights
     base = Routing(indices, weights)
     # guidance: a null-condition copy of every guided row, sharing its routing (exact guidance of the mixture)
-    guided_rows, scales = [], []
-    for i, (s, (a, b)) in enumerate(zip(states, spans, strict=True)):
-        if i not in failed and needs_guidance(s.cond, s.req.guidance_scale):
-            guided_rows.append(torch.arange(a, b, device=x.device))
-            scales.append(torch.full((b - a,), float(s.req.guidance_scale), device=x.device))
-    guided = torch.cat(guided_rows) if guided_rows else torch.zeros(0, dtype=torch.long, device=x.device)
-    scale = torch.cat(scales) if scales else torch.zeros(0, device=x.device)
-    if len(guided):
+    flags = [i not in failed and needs_guidance(s.cond, s.req.guidance_scale) for i, s in enumerate(states)]
+    if any(flags):
         assert cond is not None
+        guided = torch.tensor(flags, device=device)[owner_q].nonzero().flatten()  # (G,) query rows
+        scale = torch.tensor([float(s.req.guidance_scale) for s in states], device=device)[owner_q[guided]]
         x = torch.cat([x, x[guided]])
         sigma = torch.cat([sigma, sigma[guided]])
         cond = torch.cat([cond, torch.zeros_like(cond[guided])])
@@ -149,13 +178,10 @@ def plan_batch(states: Sequence[RequestState], queries: Queries, logits: torch.T
             torch.cat([base.indices, base.indices[guided]]), torch.cat([base.weights, base.weights[guided]])
         )
     else:
+        guided = torch.zeros(0, dtype=torch.long, device=device)
+        scale = torch.zeros(0, device=device)
         routing = base
-    owner = torch.empty(len(queries.x), dtype=torch.long, device=x.device)
-    for i, (a, b) in enumerate(spans):
-        owner[a:b] = i
-    owner = torch.cat(
-        [owner, owner[guided]]
-    )  # (R',): the null-condition copies belong to their rows' request
+    owner = torch.cat([owner_q, owner_q[guided]])  # (R',): a null-condition copy belongs to its row's request
     return BatchPlan(x, sigma, cond, routing, dispatch(routing), spans, guided, scale, failed, owner)
 
 
@@ -193,12 +219,13 @@ def advance_batch(
                 names = sorted(states[i].names[e] for e in failed.get(i, ()))
                 first = int(copy_of[row]) - plan.spans[i][0]  # the request's own row index
                 lost[i] = f"every chosen expert failed for row(s) {[first]} (failed: {names})"
-    kept_rows, kept_out = {}, {}
-    # rows where e was dropped (a failed call of the same request) are left out of the combine
-    for e, out in outputs.items():
-        keep = (routing.indices[rows[e]] == e).any(dim=1)
-        if keep.any():
-            kept_rows[e], kept_out[e] = rows[e][keep], out[keep]
+    kept_rows, kept_out = dict(rows), dict(outputs)
+    if failed:  # rows where e was dropped (a failed call of the same request) are left out of the combine
+        kept_rows, kept_out = {}, {}
+        for e, out in outputs.items():
+            keep = (routing.indices[rows[e]] == e).any(dim=1)
+            if keep.any():
+                kept_rows[e], kept_out[e] = rows[e][keep], out[keep]
     if not kept_out:  # every row lost every expert
         return {i: lost.get(i, "no expert answered") for i in range(len(states)) if i not in plan.failed}
     denoised = combine(routing, kept_out, kept_rows)
@@ -211,14 +238,18 @@ def advance_batch(
     idx_rows, w_rows = routing.indices[:n_q].tolist(), routing.weights[:n_q].tolist()
     drop_rows = dropped[:n_q].tolist()
     sigmas = plan.sigma[:n_q].tolist()
+    moving = [i for i in range(len(states)) if i not in plan.failed and i not in lost]
+    for i in moving:
+        state, (a, b) = states[i], plan.spans[i]
+        if i in failed:
+            state.dropped += float(sum(drop_rows[a:b]))
+        state.trace.append(
+            trace_step(state.evals, sigmas[a], idx_rows[a:b], w_rows[a:b], state.names, drop_rows[a:b])
+        )
+    if len(moving) < len(states):  # only the rows of the requests that advance
+        keep = torch.zeros(len(states), dtype=torch.bool, device=device)
+        keep[moving] = True
+        denoised = denoised[keep[plan.owner[:n_q]]]
     with torch.no_grad():
-        for i, (state, (a, b)) in enumerate(zip(states, plan.spans, strict=True)):
-            if i in plan.failed or i in lost:
-                continue
-            if i in failed:
-                state.dropped += float(sum(drop_rows[a:b]))
-            state.trace.append(
-                trace_step(state.evals, sigmas[a], idx_rows[a:b], w_rows[a:b], state.names, drop_rows[a:b])
-            )
-            state.traj.advance(denoised[a:b])
+        advance_many([states[i].traj for i in moving], denoised)  # every sampler step in a few tensor ops
     return lost

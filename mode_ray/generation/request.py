@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 
@@ -49,11 +50,16 @@ def trace_step(
 ) -> StepTrace:
     """The routing of one evaluation (B rows) by expert name. indices / weights: (B, k) as lists (PAD < 0);
     dropped: (B,) mass lost to failed experts."""
-    experts, kept_weights = [], []
+    experts: list[list[str]] = []
+    kept_weights: list[list[float]] = []
     for idx_row, w_row in zip(indices, weights, strict=True):
-        kept = [(names[i], round(w, 6)) for i, w in zip(idx_row, w_row, strict=True) if i >= 0 and w > 0]
-        experts.append([n for n, _ in kept])
-        kept_weights.append([w for _, w in kept])
+        row_names, row_weights = [], []
+        for i, w in zip(idx_row, w_row, strict=True):
+            if i >= 0 and w > 0:
+                row_names.append(names[i])
+                row_weights.append(round(w, 6))
+        experts.append(row_names)
+        kept_weights.append(row_weights)
     drop = [0.0] * len(experts) if dropped is None else [round(float(d), 6) for d in dropped]
     return StepTrace(step, round(sigma, 6), experts, kept_weights, drop)
 
@@ -96,9 +102,10 @@ class RequestState:
         """Model rows per image per evaluation: 2 under classifier-free guidance (a null-condition copy)."""
         return 2 if needs_guidance(self.cond, self.req.guidance_scale) else 1
 
-    @property
+    @cached_property
     def cost(self) -> int:
-        """Model rows one evaluation of this request sends to the experts (before top-k): images x branches."""
+        """Model rows one evaluation of this request sends to the experts (before top-k): images x branches
+        (fixed for the request's life; the scheduler reads it many times a tick)."""
         return self.rows * self.branches
 
     @property

@@ -1,9 +1,12 @@
 """Samplers against closed forms: for data N(0, s^2) the optimal denoiser is x s^2 / (sigma^2 + s^2)."""
 
+import math
+
 import pytest
 import torch
 
 from mode_ray.diffusion import SAMPLERS, EDMPrecond, edm_loss, karras_sigmas, make_trajectory, sample
+from mode_ray.diffusion.samplers import advance_many
 
 S = 0.7  # data standard deviation
 
@@ -78,6 +81,76 @@ def test_rows_at_different_steps_share_one_call() -> None:
             t.advance(d)
     torch.testing.assert_close(ta.x, sample(gaussian_denoiser, xa, sigmas_a, "heun"), rtol=0, atol=0)
     torch.testing.assert_close(tb.x, sample(gaussian_denoiser, xb, sigmas_b, "dpmpp_2m"), rtol=0, atol=0)
+
+
+def test_advance_many_gives_every_trajectory_its_bits_alone() -> None:
+    """Trajectories of every sampler, at different steps and rules (Heun predictor / corrector / last Euler
+    step, DPM++ first / multistep / last), with different row counts, stepped by one advance_many each
+    evaluation: every one equals the same trajectory stepped alone, bit for bit."""
+    specs = [
+        ("heun", 2, 5),
+        ("dpmpp_2m", 3, 9),
+        ("euler", 1, 4),
+        ("heun", 1, 9),
+        ("dpmpp_2m", 2, 3),
+        ("ddim", 4, 6),
+    ]
+
+    def start(i: int, name: str, rows: int, steps: int):  # noqa: ANN202
+        x = torch.randn(rows, 1, 3, 3, generator=torch.Generator().manual_seed(i)) * 80
+        return make_trajectory(name, x, karras_sigmas(steps))
+
+    together = [start(i, *spec) for i, spec in enumerate(specs)]
+    alone = [start(i, *spec) for i, spec in enumerate(specs)]
+    rules_seen = set()
+    while not all(t.done for t in together):
+        live = [i for i, t in enumerate(together) if not t.done]
+        rules_seen |= {(together[i].name, together[i].rule()) for i in live}
+        queries = [together[i].query() for i in live]
+        x, sigma = torch.cat([q[0] for q in queries]), torch.cat([q[1] for q in queries])
+        advance_many([together[i] for i in live], gaussian_denoiser(x, sigma))
+        for i in live:
+            alone[i].advance(gaussian_denoiser(*alone[i].query()))
+    for t, a in zip(together, alone, strict=True):
+        assert torch.equal(t.x, a.x)
+    assert {r for n, r in rules_seen if n == "heun"} == {"predict", "correct", "euler"}
+    assert {r for n, r in rules_seen if n == "dpmpp_2m"} == {"first", "multistep", "last"}
+
+
+def test_batched_steps_have_the_bits_of_the_scalar_formulas() -> None:
+    """The per-row coefficients are cast from the same Python floats the scalar k-diffusion formulas use, so
+    a batched step equals them exactly (Euler; Heun's predictor and corrector; DPM++(2M)'s multistep)."""
+    x = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(5)) * 20
+    sigmas = karras_sigmas(6)
+    s = sigmas.double().tolist()
+
+    euler = make_trajectory("euler", x, sigmas)
+    euler.step = 2
+    denoised = gaussian_denoiser(x, torch.full((4,), s[2]))
+    advance_many([euler], denoised)
+    assert torch.equal(euler.x, x + (x - denoised) / s[2] * (s[3] - s[2]))
+
+    heun = make_trajectory("heun", x, sigmas)
+    d0 = gaussian_denoiser(x, torch.full((4,), s[0]))
+    advance_many([heun], d0)
+    d = (x - d0) / s[0]
+    x_pred = x + d * (s[1] - s[0])
+    d1 = gaussian_denoiser(x_pred, torch.full((4,), s[1]))
+    advance_many([heun], d1)
+    assert torch.equal(heun.x, x + (d + (x_pred - d1) / s[1]) / 2 * (s[1] - s[0]))
+
+    dpm = make_trajectory("dpmpp_2m", x, sigmas)
+    first = gaussian_denoiser(x, torch.full((4,), s[0]))
+    advance_many([dpm], first)
+    h0 = math.log(s[0]) - math.log(s[1])
+    x1 = (s[1] / s[0]) * x - math.expm1(-h0) * first
+    assert torch.equal(dpm.x, x1)
+    second = gaussian_denoiser(x1, torch.full((4,), s[1]))
+    advance_many([dpm], second)
+    h = math.log(s[1]) - math.log(s[2])
+    r = (math.log(s[0]) - math.log(s[1])) / h
+    mixed = (1 + 1 / (2 * r)) * second - (1 / (2 * r)) * first
+    assert torch.equal(dpm.x, (s[2] / s[1]) * x1 - math.expm1(-h) * mixed)
 
 
 def test_bad_inputs_are_named() -> None:

@@ -905,7 +905,13 @@ def serve(
         grpc_target=f"127.0.0.1:{grpc_port}",
         restore=not fresh,
         warm_pool=warm_pool,
-        expert={"num_cpus": expert_cpus, "num_gpus": expert_gpus, "max_replicas": max_replicas},
+        expert={
+            "num_cpus": expert_cpus,
+            "num_gpus": expert_gpus,
+            "max_replicas": max_replicas,
+            # a Ray of its own on this machine: the experts' direct OIP ports on loopback, not on the network
+            **({} if address or os.environ.get("RAY_ADDRESS") else {"direct_host": "127.0.0.1"}),
+        },
         router={"num_cpus": router_cpus, "num_replicas": router_replicas},
         decoder={"placement": decoder_placement, "num_gpus": decoder_gpus, "num_cpus": router_cpus},
     )

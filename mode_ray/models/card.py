@@ -170,6 +170,10 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{what}: {path} does not exist") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{what}: {path} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{what}: {path} nests JSON arrays or objects too deeply to read") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what}: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{what}: {path} must hold a JSON object, got {type(data).__name__}")
     return data

@@ -36,5 +36,5 @@ class NoBooleanNumbers(BaseModel):
             field = cls.model_fields[info.field_name]
             if not admits_bool(field.annotation):
                 name = field.alias or info.field_name
-                raise ValueError(f"{name} must not be a boolean (got {str(v).lower()})")
+                raise ValueError(f"{name} must not be a boolean (true / false)")
         return v

@@ -55,7 +55,11 @@ def allowed_mask(
         return None
     mask = torch.tensor([(not pin or n in pin) and n not in exclude for n in names])
     if not mask.any():
-        raise ValueError(f"experts: pinning {list(pin)} and excluding {list(exclude)} leaves no expert")
+        if not pin:
+            raise ValueError(f"exclude_experts: excluding {list(exclude)} leaves no expert")
+        raise ValueError(
+            f"experts, exclude_experts: pinning {list(pin)} and excluding {list(exclude)} leaves no expert"
+        )
     return mask
 
 

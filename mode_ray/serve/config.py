@@ -39,6 +39,21 @@ def is_warm_app(app: str) -> bool:
     return app.startswith(WARM_PREFIX)
 
 
+def check_servable_name(name: str) -> None:
+    """A ValueError when expert `name` would take a Serve application name the cluster reserves: the warm
+    pool's `expert-pool-<id>` and a replacement version's `expert-<name>--v<version>`."""
+    if expert_app_name(name).startswith(WARM_PREFIX):
+        raise ValueError(
+            f"path: the card's name {name!r} starts with 'pool-', which names the warm pool's Serve "
+            "applications (expert-pool-<id>); rename the expert"
+        )
+    if "--" in name:
+        raise ValueError(
+            f"path: the card's name {name!r} contains '--', which names replacement versions' Serve "
+            "applications (expert-<name>--v<version>); rename the expert"
+        )
+
+
 def expert_deployment_of(app: str, name: str) -> str:
     """The deployment inside expert application `app` serving expert `name` (a warm one is named after its
     application, since it was deployed before the expert was known)."""

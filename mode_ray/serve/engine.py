@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import grpc
 import torch
 
 from mode_ray.generation import (
@@ -447,7 +448,17 @@ class StepEngine:
                     return ExpertCallError(f"expert {call.expert!r} returned a non-finite x0_hat")
                 self.metrics.expert_calls.inc(tags={"expert": call.expert, "outcome": "ok"})
                 return out
-            except (TimeoutError, ExpertCallError, OSError) as e:
+            except ExpertCallError as e:
+                if (
+                    e.code == grpc.StatusCode.INVALID_ARGUMENT
+                ):  # these rows, not the expert: no retry, no probe
+                    self.metrics.expert_calls.inc(tags={"expert": call.expert, "outcome": "invalid"})
+                    return e
+                error = e
+                self.metrics.expert_calls.inc(
+                    tags={"expert": call.expert, "outcome": "retry" if attempt == 0 else "failed"}
+                )
+            except (TimeoutError, OSError) as e:
                 error = e
                 self.metrics.expert_calls.inc(
                     tags={"expert": call.expert, "outcome": "retry" if attempt == 0 else "failed"}

@@ -324,6 +324,10 @@ class ExpertServer:
             result = _Result(np.zeros((0, *self._latent_shape), np.float32), 0, 0)
         else:
             result = await self._run(call)
+            try:
+                _check_finite(result.x0_hat, call)
+            except ExpertCallError as e:
+                return self._fail(grpc_context, e, pb.ModelInferResponse)
         return encode_infer_response(
             self.name,
             self.card.version,
@@ -340,6 +344,7 @@ class ExpertServer:
         if call.rows == 0:
             return np.zeros((0, *self._latent_shape), out_dtype), {}
         result = await self._run(call)
+        _check_finite(result.x0_hat, call)
         return result.x0_hat.astype(out_dtype, copy=False), {**result.parameters(), "age_ms": self._age_ms()}
 
     async def _run(self, call: _Call) -> _Result:
@@ -361,11 +366,28 @@ class ExpertServer:
             sum(p.queue_s for p in parts),
         )
 
+    def _who(self) -> str:
+        return f"expert {self.name!r}" if self.name is not None else "a warm-pool replica with no expert yet"
+
+    async def __call__(self, request: Any) -> Any:
+        """HTTP to this expert's Serve route (`/experts/...`): a 404 with the way to it (without this method
+        Serve answers a bare 500). An expert speaks OIP over gRPC only."""
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(
+            {
+                "detail": f"not found: this is the Serve application of {self._who()}, which answers "
+                "OIP v2 over gRPC only (inference.GRPCInferenceService, metadata application=<its "
+                "application>, see GET /v1/experts); the HTTP API is /v1/generate"
+            },
+            status_code=404,
+        )
+
     # The generation API asked of an expert by mistake: UNIMPLEMENTED with the way there (without these
     # methods Serve answers INTERNAL with a Ray traceback).
     def _not_generation(self, grpc_context: Any, response: Any) -> Any:
         error = ExpertCallError(
-            f"this is expert {self.name!r} (inference.GRPCInferenceService); generation is "
+            f"this is {self._who()} (inference.GRPCInferenceService); generation is "
             "mode_ray.v1.GenerationService with metadata application=mode-ray",
             grpc.StatusCode.UNIMPLEMENTED,
         )
@@ -527,6 +549,21 @@ class ExpertServer:
                     f"expert {self.name!r}: denoiser gave shape {list(out.shape)} for input {list(xt.shape)}"
                 )
             return out.to(device="cpu", dtype=torch.float32).numpy()
+
+
+def _check_finite(x0_hat: np.ndarray, call: _Call) -> None:
+    """INVALID_ARGUMENT when the forward pass overflowed for finite inputs (e.g. |x| near the float32 limit):
+    never an OK reply carrying NaN or inf. Rows are independent, so only this call's rows are looked at."""
+    finite = np.isfinite(x0_hat)
+    if finite.all():
+        return
+    row = int(np.argwhere(~finite)[0][0])
+    raise ExpertCallError(
+        f"inputs 'x': row {row} (max |x| {float(np.abs(call.x[row]).max()):.3g}, sigma "
+        f"{float(call.sigma[row]):.3g}) gives a non-finite x0_hat: the inputs are beyond the model's numeric "
+        "range (a denoiser's x is data + noise of scale sigma)",
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
 
 
 def _check_cond(

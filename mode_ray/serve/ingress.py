@@ -62,18 +62,26 @@ class GenerateBody(GenerateParams):
     )
 
 
+MAX_ERROR_CHARS = 1000  # an error message never echoes a huge input (nor 200,000 unknown keys)
+
+
 def _field_errors(e: ValidationError | RequestValidationError) -> str:
-    parts = []
-    for err in e.errors():
+    errors = e.errors()
+    text = ""
+    for i, err in enumerate(errors):
         loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
         got = f" (got {shown(err['input'])})" if "input" in err and not isinstance(err["input"], dict) else ""
-        parts.append(f"{loc}: {err['msg']}{got}")
-    return "; ".join(parts)
+        part = f"{'; ' if text else ''}{loc}: {err['msg']}{got}"
+        if len(text) + len(part) > MAX_ERROR_CHARS:
+            return f"{text}; ... and {len(errors) - i} more error(s)" if text else part[:MAX_ERROR_CHARS]
+        text += part
+    return text
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse(status_code=422, content={"error": _field_errors(exc)})
+    message = _field_errors(exc)  # "detail" as every other error; "error" as the first API had it
+    return JSONResponse(status_code=422, content={"detail": message, "error": message})
 
 
 # Errors raised in the router arrive as RayTaskError subclasses of the original type.
@@ -111,7 +119,35 @@ def _message(e: BaseException) -> str:
     if isinstance(e, BackPressureError):
         return "the router is at capacity (its Serve queue is full); retry later"
     text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    return text if len(text) <= 1000 else f"{text[:980]}... ({len(text)} chars)"  # never echo a huge input
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    return f"{text[: MAX_ERROR_CHARS - 20]}... ({len(text)} chars)"  # never echo a huge input
+
+
+ADMIN_BODY = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
+}
+MAX_ADMIN_BODY_BYTES = 1 << 20
+
+
+async def _admin_body(request: Request) -> dict:
+    """An admin call's JSON object, read only once the token is checked; 413 / 422 naming the problem."""
+    raw = await request.body()
+    if len(raw) > MAX_ADMIN_BODY_BYTES:
+        raise HTTPException(
+            413, detail=f"body: {len(raw)} bytes; an admin body is at most {MAX_ADMIN_BODY_BYTES}"
+        )
+    try:
+        body = json.loads(raw)
+    except (
+        ValueError,
+        RecursionError,
+    ) as e:  # JSONDecodeError, UnicodeDecodeError, nesting beyond the parser
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise HTTPException(422, detail=f"body: not a JSON object ({reason})") from None
+    if not isinstance(body, dict):
+        raise HTTPException(422, detail=f"body: expected a JSON object, got {type(body).__name__}")
+    return body
 
 
 def _classify(e: BaseException, table: list) -> Any:
@@ -232,7 +268,7 @@ class Ingress:
         if body.output == "json":
             return JSONResponse(result.to_json())
         headers = {
-            "X-Request-Id": result.request_id,
+            "X-Generation-Id": result.request_id,  # X-Request-Id is Serve's own (its proxy sets it)
             "X-Seed": str(result.seed),
             "X-Dropped-Mass": str(result.dropped_mass),
             "X-Registry-Version": str(result.registry_version),
@@ -286,27 +322,27 @@ class Ingress:
     async def list_experts_http(self) -> dict:
         return await self._call("list_experts")
 
-    @api.post("/v1/experts")
-    async def add_expert_http(self, body: dict, authorization: str | None = Header(None)) -> dict:
-        self._check_admin(authorization)
-        return await self._call("add_expert", body)
+    @api.post("/v1/experts", openapi_extra=ADMIN_BODY)
+    async def add_expert_http(self, request: Request, authorization: str | None = Header(None)) -> dict:
+        self._check_admin(authorization)  # before the body is read: no token, no parsing
+        return await self._call("add_expert", await _admin_body(request))
 
-    @api.put("/v1/experts/{name}")
+    @api.put("/v1/experts/{name}", openapi_extra=ADMIN_BODY)
     async def replace_expert_http(
-        self, name: str, body: dict, authorization: str | None = Header(None)
+        self, name: str, request: Request, authorization: str | None = Header(None)
     ) -> dict:
         self._check_admin(authorization)
-        return await self._call("replace_expert", name, body)
+        return await self._call("replace_expert", name, await _admin_body(request))
 
     @api.delete("/v1/experts/{name}")
     async def remove_expert_http(self, name: str, authorization: str | None = Header(None)) -> dict:
         self._check_admin(authorization)
         return await self._call("remove_expert", name)
 
-    @api.put("/v1/gate")
-    async def publish_gate_http(self, body: dict, authorization: str | None = Header(None)) -> dict:
+    @api.put("/v1/gate", openapi_extra=ADMIN_BODY)
+    async def publish_gate_http(self, request: Request, authorization: str | None = Header(None)) -> dict:
         self._check_admin(authorization)
-        return await self._call("publish_gate", body)
+        return await self._call("publish_gate", await _admin_body(request))
 
     # ---- gRPC (mode_ray.v1.GenerationService) --------------------------------------------------------
     def _grpc_params(self, request: Any) -> tuple[dict, float | None]:

@@ -323,11 +323,12 @@ def _decode_tensors(
         shape = [int(d) for d in tensor.shape]
         if any(d < 0 for d in shape):
             raise OipError(where, f"shape {_shape_list(shape)} has a negative dimension")
-        if len(shape) > MAX_RANK or any(d > MAX_ELEMENTS for d in shape) or math.prod(shape) > MAX_ELEMENTS:
+        # an empty tensor's other dimensions count too: numpy refuses [2^31, 2^31, 0] ("array is too big")
+        if len(shape) > MAX_RANK or math.prod(d for d in shape if d) > MAX_ELEMENTS:
             raise OipError(
                 where,
                 f"shape {_shape_list(shape)[:120]} is beyond this codec's limits (rank <= {MAX_RANK}, at most "
-                f"{MAX_ELEMENTS} elements, and every dimension too, even of an empty tensor)",
+                f"{MAX_ELEMENTS} elements; of an empty tensor, the product of its non-zero dimensions)",
             )
         dtype = DATATYPES[tensor.datatype]
         if raw_contents:

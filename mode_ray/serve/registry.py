@@ -100,7 +100,7 @@ class Registry:
             return RegistryFile.model_validate(json.loads(self.path.read_text()))
         except ValidationError as e:
             problem = format_validation_error(e, "registry")
-        except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError, unreadable
+        except (ValueError, OSError, RecursionError) as e:  # bad JSON or UTF-8, too deep, unreadable
             problem = f"not a readable JSON registry: {e}"
         raise RuntimeError(
             f"registry {self.path} is corrupt ({problem}); start with --fresh (restore: false) to set it aside"

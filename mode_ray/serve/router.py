@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mode_ray.generation import GenerateParams, GenerationResult, Progress, resolve
 from mode_ray.generation.bundle import GATE_CARD, build_gate, check_condition, check_gate, load_config
@@ -42,6 +42,7 @@ from mode_ray.routing.gates import Gate
 from mode_ray.serve.config import (
     AppArgs,
     ExpertDeployment,
+    check_servable_name,
     expert_app_name,
     expert_deployment_of,
     is_warm_app,
@@ -67,6 +68,22 @@ class AddExpert(NoBooleanNumbers):
     deployment: ExpertDeployment | None = Field(
         None, description="resources/autoscaling (default: the app's)"
     )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        if v == "serve" or ENDPOINT.fullmatch(v) and 1 <= int(v.rsplit(":", 1)[1]) <= 65535:
+            return v
+        raise ValueError(
+            "endpoint must be 'serve' or host:port of an OIP gRPC server (a hostname, an IPv4 address or "
+            "[an IPv6 address], and a port in 1-65535)"
+        )
+
+
+# host:port with a DNS name or IPv4 address (labels of letters, digits, '-', '_'), or [IPv6]
+ENDPOINT = re.compile(
+    r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}"
+)
 
 
 class PublishGate(BaseModel):
@@ -414,9 +431,10 @@ class Router:
 
     def _with_transport(self, deployment: ExpertDeployment) -> ExpertDeployment:
         """The deployment as this router's transport needs it: with 'direct', replicas publish their own OIP
-        port (on the node's IP unless the deployment names a host)."""
+        port on the host the deployment names, else the app's default expert deployment's, else the node's IP."""
         if self.args.router.transport == "direct" and deployment.direct_host is None:
-            return deployment.model_copy(update={"direct_host": NODE})
+            host = self.args.expert.direct_host or NODE  # e.g. loopback, which `mode-ray serve` sets alone
+            return deployment.model_copy(update={"direct_host": host})
         return deployment
 
     @staticmethod
@@ -515,6 +533,8 @@ class Router:
         else:
             await asyncio.to_thread(check_files, path, (CARD_FILE,), self._expert_root)
             card = await asyncio.to_thread(load_card, path)
+        if request.endpoint == "serve":
+            check_servable_name(card.name)
         ready = self.registry.snapshot()
         try:
             check_condition(self.config, card)
@@ -605,6 +625,13 @@ class Router:
             old.card.compatible_with(card)
         except ValueError as e:
             raise ValueError(f"path: {e}") from None
+        app = replacement_app(name, card.version)
+        taken = [e.name for e in self.registry.entries() if e.name != name and e.application == app]
+        if taken or is_warm_app(app):
+            raise FileExistsError(
+                f"the new version's Serve application {app!r} serves expert {taken[0] if taken else 'a warm slot'!r}; "
+                "bump the card's version to another value"
+            )
         actor, me = self.registry.actor, self.registry.replica
         await actor.begin_change.remote(name, me)
         new = ExpertEntry(
@@ -613,7 +640,7 @@ class Router:
             card=card,
             path=str(path),
             state="ready",
-            app=replacement_app(name, card.version),
+            app=app,
         )
         try:
             config = request.deployment or self.args.deployment_for(name)

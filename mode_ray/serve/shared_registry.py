@@ -81,6 +81,7 @@ class RegistryActor:
         with self._cond:
             if self.registry.get(entry.name) is not None:
                 raise FileExistsError(f"an expert named {entry.name!r} is already registered")
+            self._check_application(entry)
             return self._write(self.registry.upsert, entry)
 
     def add_warm(self, entry: ExpertEntry) -> RegistryFile:
@@ -88,13 +89,35 @@ class RegistryActor:
         with self._cond:
             if self.registry.get(entry.name) is not None:
                 raise FileExistsError(f"an expert named {entry.name!r} is already registered")
+            if not self._data().pool:
+                self._check_application(entry)
             if self.registry.assign(entry) is None:
                 self.registry.upsert(entry)
             self._cond.notify_all()
             return self._data()
 
     def upsert(self, entry: ExpertEntry) -> RegistryFile:
-        return self._write(self.registry.upsert, entry)
+        with self._cond:
+            self._check_application(entry)
+            return self._write(self.registry.upsert, entry)
+
+    def _check_application(self, entry: ExpertEntry) -> None:
+        """FileExistsError when the Serve application `entry` would be served by already serves another
+        expert, or is a warm-pool slot: two registry entries on one application would mean that deleting one
+        deletes the other's replicas while the registry still routes to it."""
+        if entry.endpoint != "serve":
+            return
+        app = entry.application
+        for other in self.registry.entries():
+            if other.name != entry.name and other.endpoint == "serve" and other.application == app:
+                raise FileExistsError(
+                    f"expert {entry.name!r} would be served by Serve application {app!r}, which serves "
+                    f"expert {other.name!r}; give the new expert another name"
+                )
+        if app in self._data().pool or app in self._starting:
+            raise FileExistsError(
+                f"Serve application {app!r} is a warm-pool slot; give the expert another name"
+            )
 
     def set_state(self, name: str, state: State) -> RegistryFile:
         return self._write(self.registry.set_state, name, state)

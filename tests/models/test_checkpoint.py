@@ -87,6 +87,12 @@ def test_invalid_json_and_missing_directory(tmp_path) -> None:  # noqa: ANN001
     (path / "expert.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_expert(path)
+    (path / "expert.json").write_text("[" * 100_000 + "]" * 100_000)  # RecursionError in json.loads
+    with pytest.raises(CheckpointError, match="expert card: .*expert.json nests JSON .* too deeply"):
+        load_expert(path)
+    (path / "expert.json").write_bytes(b'{"name": "\xff"}')
+    with pytest.raises(CheckpointError, match="expert card: .*expert.json is not UTF-8 text"):
+        load_expert(path)
     with pytest.raises(CheckpointError, match="not an expert directory"):
         load_expert(tmp_path / "nowhere")
 

@@ -43,7 +43,7 @@ def test_numbers_refuse_booleans_and_flags_take_them() -> None:
     assert (k.flag, k.anything, k.count, k.ratio) == (True, True, 3, 0.5)
     with pytest.raises(ValidationError, match="count must not be a boolean"):
         Knobs(count=True)
-    with pytest.raises(ValidationError, match=r"ratio must not be a boolean \(got false\)"):
+    with pytest.raises(ValidationError, match=r"ratio must not be a boolean \(true / false\)"):
         Knobs(ratio=False)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 import torch
 
@@ -25,6 +26,7 @@ class LocalClient:
     def __init__(self, expert: Expert) -> None:
         self.name, self.expert = expert.name, expert
         self.fail_next, self.nan_next, self.delay, self.calls, self.rows = 0, 0, 0.0, 0, []
+        self.invalid_next = 0  # answer INVALID_ARGUMENT (the rows, not the expert, are at fault)
 
     async def infer(self, x, sigma, cond, timeout):  # noqa: ANN001, ANN201
         self.calls += 1
@@ -34,6 +36,11 @@ class LocalClient:
         if self.fail_next:
             self.fail_next -= 1
             raise ExpertCallError(f"expert {self.name!r}: UNAVAILABLE: injected")
+        if self.invalid_next:
+            self.invalid_next -= 1
+            raise ExpertCallError(
+                "inputs 'x': row 0 gives a non-finite x0_hat", grpc.StatusCode.INVALID_ARGUMENT
+            )
         out = self.expert.denoiser(x, sigma, cond)
         if self.nan_next:
             self.nan_next -= 1
@@ -137,6 +144,27 @@ def test_a_failing_expert_is_retried_then_dropped_and_renormalised() -> None:
     assert sum(first.weights[0]) == pytest.approx(1.0, abs=1e-5)
     assert r.dropped_mass == pytest.approx(sum(d for t in r.trace for d in t.dropped), abs=1e-5)
     assert "e0" in r.trace[-1].experts[0]  # back once it answered ModelReady
+
+
+def test_an_invalid_argument_drops_the_rows_for_that_step_without_a_retry_or_a_probe() -> None:
+    """INVALID_ARGUMENT says the rows are at fault (e.g. inputs the model overflows on), not the expert: the
+    call is not retried, the expert is not marked unavailable, and the step renormalises over the rest."""
+    engine, snapshot, clients, _ = setup()
+    e0 = clients["e0"]
+    probes = {"n": 0}
+
+    async def ready(timeout: float) -> bool:
+        probes["n"] += 1
+        return True
+
+    e0.ready = ready  # type: ignore[method-assign]
+    e0.invalid_next = 1
+    req = resolve(GenerateParams(prompt=0, num_images=1, seed=5, steps=3), CONFIG)
+    r = asyncio.run(engine.generate(req, snapshot))
+    assert e0.calls == make_evals(GenerateParams(steps=3))  # one call per evaluation: no retry
+    assert "e0" not in r.trace[0].experts[0] and r.trace[0].dropped[0] > 0  # dropped for the first step only
+    assert all("e0" in t.experts[0] for t in r.trace[1:]) and probes["n"] == 0
+    assert engine.unavailable() == []
 
 
 def test_a_failed_expert_is_not_called_again_until_it_answers_model_ready(monkeypatch) -> None:  # noqa: ANN001

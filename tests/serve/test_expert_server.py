@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -322,6 +323,12 @@ def test_bad_requests_name_the_field(tiny):
             grpc.StatusCode.INVALID_ARGUMENT,
             ["'x'", "FP64"],
         ),
+        "x overflows the model": (  # finite inputs, non-finite x0_hat: never an OK reply carrying NaN
+            {},
+            dict(good, x=np.where(np.arange(3)[:, None, None, None] == 1, np.float32(3e38), good["x"])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["'x'", "row 1", "3e+38", "non-finite x0_hat"],
+        ),
     }
 
     async def calls(stub):
@@ -341,6 +348,8 @@ def test_bad_requests_name_the_field(tiny):
         for word in words:
             assert word in err.details(), (key, word)
     assert decode_infer_response(ok)["x0_hat"].shape == (3, *SHAPE)
+    http = httpx.get(f"{cluster.http_url}/experts/tiny", timeout=30)  # Serve's HTTP route of the expert's app
+    assert http.status_code == 404 and "OIP v2 over gRPC only" in http.json()["detail"], http.text
 
 
 @pytest.mark.serve

@@ -40,6 +40,11 @@ MAX_REQUEST_ROWS = 200_000
 @pytest.fixture(scope="module")
 def hostile(serve_cluster, tmp_path_factory):  # noqa: ANN001, ANN201
     model = build_tiny_mixture(tmp_path_factory.mktemp("hostile"))
+    for name in (
+        "pool-0123abcd",
+        "d--v2",
+    ):  # names that would take Serve application names the cluster reserves
+        make_expert(model / "experts", name, [9], seed=7)
     limits = {"max_active_requests": 2, "max_queued_requests": 2, "max_request_rows": MAX_REQUEST_ROWS}
     with tiny_app(serve_cluster, model, **limits):
         yield serve_cluster, model
@@ -113,7 +118,12 @@ HTTP_CASES = [
     ("unconditional with a prompt", {"prompt": 1, "unconditional": "prior"}, 400, ["unconditional"]),
     ("expert unknown", {"prompt": 1, "experts": ["nope"]}, 400, ["experts", "nope"]),
     ("exclude unknown", {"prompt": 1, "exclude_experts": ["nope"]}, 400, ["exclude_experts", "nope"]),
-    ("exclude all", {"prompt": 1, "exclude_experts": ["a", "b", "c"]}, 400, ["leaves no expert"]),
+    (
+        "exclude all",
+        {"prompt": 1, "exclude_experts": ["a", "b", "c"]},
+        400,
+        ["exclude_experts: excluding", "leaves no expert"],
+    ),
     ("experts not a list", {"experts": "a"}, 422, ["experts"]),
     ("expert name 500 chars", {"experts": ["a" * 500]}, 422, ["experts"]),
     ("1000 pinned experts", {"experts": ["a"] * 1000}, 422, ["experts"]),
@@ -399,6 +409,22 @@ def test_the_admin_api_needs_the_token(hostile, headers, method) -> None:  # noq
 
 
 @pytest.mark.parametrize(
+    ("method", "target"), [("POST", "/v1/experts"), ("PUT", "/v1/experts/a"), ("PUT", "/v1/gate")]
+)
+@pytest.mark.parametrize("raw", [b"[1, 2]", b"{", b"[" * 100_000], ids=["a list", "truncated", "nested"])
+def test_an_admin_body_is_read_only_after_the_token(hostile, method, target, raw) -> None:  # noqa: ANN001
+    """Without the token a malformed body is a 401 (it was a 422: the body was parsed first); with it, a 422
+    naming the body."""
+    sc, _ = hostile
+    headers = {"content-type": "application/json"}
+    r = httpx.request(method, f"{sc.http_url}{target}", content=raw, headers=headers, timeout=60)
+    assert r.status_code == 401, r.text
+    r = httpx.request(method, f"{sc.http_url}{target}", content=raw, headers={**headers, **AUTH}, timeout=60)
+    assert r.status_code == 422 and r.json()["detail"].startswith("body: "), r.text
+    no_traceback(r.text)
+
+
+@pytest.mark.parametrize(
     ("method", "target", "body", "status", "words"),
     [
         ("delete", "/v1/experts/nope", None, 404, ["no expert named 'nope'"]),
@@ -410,6 +436,23 @@ def test_the_admin_api_needs_the_token(hostile, headers, method) -> None:  # noq
         ("put", "/v1/gate", {"path": "../../etc"}, 400, ["outside"]),
         ("put", "/v1/gate", {"path": "nothing-here"}, 400, ["nothing-here"]),
         ("put", "/v1/gate", {"gate": "x"}, 422, ["gate"]),
+        ("post", "/v1/experts", {"path": "pool-0123abcd"}, 400, ["starts with 'pool-'", "warm pool"]),
+        ("post", "/v1/experts", {"path": "d--v2"}, 400, ["contains '--'", "replacement versions"]),
+        (
+            "post",
+            "/v1/experts",
+            {"path": "d", "endpoint": "127.0.0.1"},
+            422,
+            ["endpoint must be", "host:port"],
+        ),
+        (
+            "post",
+            "/v1/experts",
+            {"path": "d", "endpoint": "x" * 5000},
+            422,
+            ["endpoint must be", "(got 'xxxx", "5002 chars"],
+        ),
+        ("post", "/v1/experts", {"path": "d", "endpoint": "h:0"}, 422, ["port in 1-65535"]),
     ],
     ids=[
         "delete unknown",
@@ -421,6 +464,11 @@ def test_the_admin_api_needs_the_token(hostile, headers, method) -> None:  # noq
         "gate outside",
         "gate missing",
         "gate unknown field",
+        "add a warm-pool name",
+        "add a replacement-version name",
+        "add with an endpoint without a port",
+        "add with a huge endpoint",
+        "add with port 0",
     ],
 )
 def test_admin_calls_with_bad_targets(hostile, method, target, body, status, words) -> None:  # noqa: ANN001

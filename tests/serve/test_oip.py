@@ -301,8 +301,8 @@ def test_generated_messages_pickle_by_absolute_module():
 
 @pytest.mark.parametrize(
     "shape",
-    [[0, 2**40, 2**40], [2**32], [1] * 9, [2**20, 2**20]],
-    ids=["empty-but-huge", "one-huge-dim", "rank-9", "too-many-elements"],
+    [[0, 2**40, 2**40], [2**31, 2**31, 0, 28], [2**32], [1] * 9, [2**20, 2**20]],
+    ids=["empty-but-huge", "empty-dims-at-the-limit", "one-huge-dim", "rank-9", "too-many-elements"],
 )
 def test_error_shapes_beyond_the_codec_limits(shape) -> None:  # noqa: ANN001
     """numpy's own 'array is too big' must never escape (it carried a traceback to the client)."""

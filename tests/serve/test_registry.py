@@ -56,3 +56,25 @@ def test_a_corrupt_registry_file_is_a_clear_error_and_is_left_alone(tmp_path, co
     assert fresh.entries() == [] and fresh.version == 0
     assert fresh.set_aside is not None and fresh.set_aside.read_text() == content
     assert not (tmp_path / REGISTRY_FILE).exists()
+
+
+def test_no_two_experts_share_a_serve_application(tmp_path) -> None:  # noqa: ANN001
+    """Deleting one expert deletes its Serve application: were another expert on it, the registry would go on
+    routing to replicas that are gone. The shared registry refuses any add or upsert that would do that."""
+    from mode_ray.serve.shared_registry import RegistryActor
+
+    actor = RegistryActor(str(tmp_path))
+    actor.add(entry("a"))  # on expert-a
+    with pytest.raises(FileExistsError, match="Serve application 'expert-a', which serves expert 'a'"):
+        actor.add(entry("b").model_copy(update={"app": "expert-a"}))
+    actor.add(entry("b"))
+    with pytest.raises(FileExistsError, match="which serves expert 'a'"):  # a replacement version of b
+        actor.upsert(entry("b").model_copy(update={"version": "2", "app": "expert-a"}))
+    actor.registry.set_pool(["expert-pool-1"])
+    with pytest.raises(FileExistsError, match="'expert-pool-1' is a warm-pool slot"):
+        actor.add(entry("c").model_copy(update={"app": "expert-pool-1"}))
+    actor.add_warm(entry("c"))  # takes the free slot, as a hot-add does
+    assert actor.registry.get("c").app == "expert-pool-1" and actor.registry.pool == []
+    external = entry("e").model_copy(update={"endpoint": "10.0.0.1:8001", "app": "expert-a"})
+    actor.add(external)  # served elsewhere: no Serve application of its own
+    assert [e.name for e in actor.registry.entries()] == ["a", "b", "c", "e"]

@@ -250,7 +250,7 @@ class Ingress:
         """The playground page (plain HTML + JS shipped in the package; everything it loads is this API)."""
         return HTMLResponse(PLAYGROUND)
 
-    @api.get("/healthz")
+    @api.api_route("/healthz", methods=["GET", "HEAD"])  # load balancers probe with HEAD
     async def healthz(self) -> dict:
         return {"status": "ok"}
 

@@ -587,6 +587,8 @@ class Router:
                 raise KeyError(
                     f"no expert named {name!r}; registered: {[e.name for e in self.registry.entries()]}"
                 )
+            if entry.state == "draining":  # a second DELETE while the first drains it
+                raise FileExistsError(f"expert {name!r} is being removed already (draining)")
             if entry.state == "ready" and len(self.registry.snapshot().entries) == 1:
                 raise FileExistsError(f"{name!r} is the last ready expert; add another before removing it")
             version = await self.registry.set_state(name, "draining")

@@ -27,6 +27,7 @@ from mode_ray.proto.mode_ray.v1 import generation_pb2_grpc as gen_grpc
 from mode_ray.serve.config import APP_NAME, AppArgs
 from mode_ray.serve.oip import decode_infer_response, encode_infer_request
 from tests.conftest import ADMIN_TOKEN
+from tests.serve.conftest import wait_for
 from tests.tiny import EXPERTS, build_tiny_mixture, make_expert
 
 pytestmark = pytest.mark.serve
@@ -139,6 +140,7 @@ def test_http_png_and_field_errors(cluster) -> None:  # noqa: ANN001
     assert bad.status_code == 422 and "at most 1000 characters" in bad.json()["error"]
     assert len(bad.text) < 600
     assert httpx.get(f"{sc.http_url}/healthz").json() == {"status": "ok"}
+    assert httpx.head(f"{sc.http_url}/healthz").status_code == 200  # load balancers probe with HEAD
 
 
 def grpc_call(target: str, fn):  # noqa: ANN001, ANN201
@@ -341,9 +343,14 @@ def test_hot_add_and_remove_while_generating(cluster) -> None:  # noqa: ANN001
     )
     thread = stream_in_thread(sc.grpc_target, request, first, out)
     assert first.wait(120) and "error" not in out, out.get("error")
-    removed = httpx.delete(f"{url}/d", headers=AUTH, timeout=300)
+    with ThreadPoolExecutor(1) as pool:
+        removing = pool.submit(httpx.delete, f"{url}/d", headers=AUTH, timeout=300)
+        wait_for(lambda: state_of(url, "d") == "draining", "d to be draining")
+        again = httpx.delete(f"{url}/d", headers=AUTH, timeout=60)  # a second DELETE meanwhile
+        removed = removing.result()
     removed_at = time.monotonic()
     thread.join(120)
+    assert again.status_code == 409 and "being removed already" in again.json()["detail"], again.text
     assert removed.status_code == 200, removed.text
     assert "error" not in out, out.get("error")
     assert all("d" in row.experts for step in out["result"].trace for row in step.rows)  # d to the last step
@@ -351,6 +358,10 @@ def test_hot_add_and_remove_while_generating(cluster) -> None:  # noqa: ANN001
     late = post(sc.http_url, {"prompt": 9, "num_images": 1, "experts": ["d"]})
     assert late.status_code == 400 and "'d'" in late.json()["detail"]
     assert [e["name"] for e in httpx.get(url).json()["experts"]] == ["a", "b", "c"]
+
+
+def state_of(url: str, name: str) -> str | None:
+    return next((e["state"] for e in httpx.get(url).json()["experts"] if e["name"] == name), None)
 
 
 def test_publishing_an_extended_gate_routes_the_hot_added_expert_without_a_redeploy(cluster) -> None:  # noqa: ANN001

@@ -76,7 +76,9 @@ def worker(args: argparse.Namespace) -> dict:
     snapshot = Snapshot(1, entries, mixture.gate)
     clients = {e.name: InProcessExpert(e.name, args.base_ms, args.per_row_ms) for e in entries}
     c = args.concurrency[0]
-    options = RouterOptions(offload=args.offload == "on", max_active_requests=max(64, c))
+    options = RouterOptions(
+        offload=args.offload == "on", cohorts=args.cohorts, max_active_requests=max(64, c)
+    )
     engine = StepEngine(config, options, lambda e: clients[e.name])
     count = max(args.requests, 2 * c)
 
@@ -120,6 +122,7 @@ def measure(tree: Path, args: argparse.Namespace, concurrency: int) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, __file__, "--worker", "--concurrency", str(concurrency)]
     cmd += ["--experts", str(args.experts), "--requests", str(args.requests), "--offload", args.offload]
+    cmd += ["--cohorts", str(args.cohorts)]
     cmd += ["--base-ms", str(args.base_ms), "--per-row-ms", str(args.per_row_ms)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -136,6 +139,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--requests", type=int, default=32, help="at least this many, and 2x the concurrency")
     ap.add_argument("--offload", default="on", choices=["on", "off"], help="router.offload")
+    ap.add_argument("--cohorts", type=int, default=1, help="router.cohorts")
     ap.add_argument("--base-ms", type=float, default=2.0)
     ap.add_argument("--per-row-ms", type=float, default=0.01)
     ap.add_argument("--repeats", type=int, default=3, help="measurements per tree and concurrency (median)")
@@ -176,6 +180,7 @@ def main() -> None:
         "experts": f"{args.experts} in-process emulated experts, {args.base_ms} ms + {args.per_row_ms} ms/row",
         "requests": "one image each, heun 18 steps (35 evaluations), guidance 2, top-2, prototype + noise gate",
         "offload": args.offload,
+        "cohorts": args.cohorts,
         "repeats": args.repeats,
         "baseline": str(args.baseline) if args.baseline else None,
     }

@@ -4,7 +4,8 @@ Every tick, for the lanes the scheduler picks (`mode_ray.generation.batch`, the 
 `generate_local` takes with a batch of one): one gate call -> one batch plan (top-k, guidance rows) -> one
 call per chosen expert, all in flight at once -> one combine and every lane's sampler step. Finished requests
 leave; queued ones join the next tick. A failed or late expert call is retried once; then the expert is
-dropped for that step and the other weights renormalised (the dropped mass goes into the trace); a request
+dropped for that step and the other weights renormalised (the dropped mass goes into the trace; an
+INVALID_ARGUMENT answer, which faults the rows and not the expert, is dropped at once, unretried); a request
 fails only when a row loses every chosen expert, or when its deadline passes. An expert whose call failed
 twice is not called again until it answers ModelReady (probed in the background every PROBE_S): its rows
 are dropped at once meanwhile, so that a lost expert (a dead node, all replicas gone) does not cost every
@@ -449,9 +450,8 @@ class StepEngine:
                 self.metrics.expert_calls.inc(tags={"expert": call.expert, "outcome": "ok"})
                 return out
             except ExpertCallError as e:
-                if (
-                    e.code == grpc.StatusCode.INVALID_ARGUMENT
-                ):  # these rows, not the expert: no retry, no probe
+                # INVALID_ARGUMENT: these rows are at fault, not the expert: no retry, no probe
+                if e.code == grpc.StatusCode.INVALID_ARGUMENT:
                     self.metrics.expert_calls.inc(tags={"expert": call.expert, "outcome": "invalid"})
                     return e
                 error = e

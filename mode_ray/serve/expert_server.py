@@ -325,7 +325,7 @@ class ExpertServer:
         else:
             result = await self._run(call)
             try:
-                _check_finite(result.x0_hat, call)
+                _check_finite(result.x0_hat, call, self.name)
             except ExpertCallError as e:
                 return self._fail(grpc_context, e, pb.ModelInferResponse)
         return encode_infer_response(
@@ -344,7 +344,7 @@ class ExpertServer:
         if call.rows == 0:
             return np.zeros((0, *self._latent_shape), out_dtype), {}
         result = await self._run(call)
-        _check_finite(result.x0_hat, call)
+        _check_finite(result.x0_hat, call, self.name)
         return result.x0_hat.astype(out_dtype, copy=False), {**result.parameters(), "age_ms": self._age_ms()}
 
     async def _run(self, call: _Call) -> _Result:
@@ -551,18 +551,31 @@ class ExpertServer:
             return out.to(device="cpu", dtype=torch.float32).numpy()
 
 
-def _check_finite(x0_hat: np.ndarray, call: _Call) -> None:
-    """INVALID_ARGUMENT when the forward pass overflowed for finite inputs (e.g. |x| near the float32 limit):
-    never an OK reply carrying NaN or inf. Rows are independent, so only this call's rows are looked at."""
+ORDINARY = 1e4  # |x| <= ORDINARY * (1 + sigma) and |cond| <= ORDINARY: inputs a denoiser must stay finite on
+
+
+def _check_finite(x0_hat: np.ndarray, call: _Call, name: str | None) -> None:
+    """Never an OK reply carrying NaN or inf. A non-finite x0_hat for extreme inputs (|x| near the float32
+    limit) is INVALID_ARGUMENT naming the row; for ordinary ones (x = data + noise of scale sigma) the model
+    itself is broken (e.g. NaN weights): INTERNAL. Rows are independent, so only this call's rows count."""
     finite = np.isfinite(x0_hat)
     if finite.all():
         return
     row = int(np.argwhere(~finite)[0][0])
+    x_max, sigma = float(np.abs(call.x[row]).max()), float(call.sigma[row])
+    c_max = 0.0 if call.cond is None else float(np.abs(call.cond[row]).max())
+    where = f"row {row} (max |x| {x_max:.3g}, sigma {sigma:.3g}, max |cond| {c_max:.3g})"
+    if x_max > ORDINARY * (1 + sigma) or c_max > ORDINARY:
+        raise ExpertCallError(
+            f"inputs: {where} gives a non-finite x0_hat: the inputs are beyond the model's numeric range (a "
+            f"denoiser's x is data + noise of scale sigma; |x| <= {ORDINARY:g} (1 + sigma) and |cond| <= "
+            f"{ORDINARY:g} stay finite)",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
     raise ExpertCallError(
-        f"inputs 'x': row {row} (max |x| {float(np.abs(call.x[row]).max()):.3g}, sigma "
-        f"{float(call.sigma[row]):.3g}) gives a non-finite x0_hat: the inputs are beyond the model's numeric "
-        "range (a denoiser's x is data + noise of scale sigma)",
-        grpc.StatusCode.INVALID_ARGUMENT,
+        f"expert {name!r}: the forward pass gave a non-finite x0_hat for ordinary inputs, {where}: the model is "
+        "broken (e.g. NaN weights)",
+        grpc.StatusCode.INTERNAL,
     )
 
 

@@ -57,6 +57,11 @@ from mode_ray.serve.transport import ExpertClient, client_for
 log = logging.getLogger("ray.serve")
 
 
+# host:port: a DNS name or IPv4 address (dot-separated labels of letters, digits, '-', '_') or [an IPv6 address]
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+ENDPOINT = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]{{2,45}}\]):[0-9]{{1,5}}")
+
+
 class AddExpert(NoBooleanNumbers):
     """Body of `POST /v1/experts`: an expert directory under the expert root, optionally served elsewhere."""
 
@@ -78,12 +83,6 @@ class AddExpert(NoBooleanNumbers):
             "endpoint must be 'serve' or host:port of an OIP gRPC server (a hostname, an IPv4 address or "
             "[an IPv6 address], and a port in 1-65535)"
         )
-
-
-# host:port with a DNS name or IPv4 address (labels of letters, digits, '-', '_'), or [IPv6]
-ENDPOINT = re.compile(
-    r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}"
-)
 
 
 class PublishGate(BaseModel):
@@ -629,10 +628,10 @@ class Router:
             raise ValueError(f"path: {e}") from None
         app = replacement_app(name, card.version)
         taken = [e.name for e in self.registry.entries() if e.name != name and e.application == app]
-        if taken or is_warm_app(app):
+        if taken:  # an expert registered before names were checked (check_servable_name) holds it
             raise FileExistsError(
-                f"the new version's Serve application {app!r} serves expert {taken[0] if taken else 'a warm slot'!r}; "
-                "bump the card's version to another value"
+                f"the new version's Serve application {app!r} serves expert {taken[0]!r}; give the card "
+                "another version"
             )
         actor, me = self.registry.actor, self.registry.replica
         await actor.begin_change.remote(name, me)

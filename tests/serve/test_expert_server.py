@@ -327,7 +327,7 @@ def test_bad_requests_name_the_field(tiny):
             {},
             dict(good, x=np.where(np.arange(3)[:, None, None, None] == 1, np.float32(3e38), good["x"])),
             grpc.StatusCode.INVALID_ARGUMENT,
-            ["'x'", "row 1", "3e+38", "non-finite x0_hat"],
+            ["inputs: row 1", "3e+38", "non-finite x0_hat", "beyond the model's numeric range"],
         ),
     }
 

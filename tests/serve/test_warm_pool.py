@@ -199,7 +199,8 @@ def test_a_failed_load_gives_the_warm_application_back_and_the_pool_refills(warm
     make_expert(model / "experts", "nan", [5], seed=7, scale=float("nan"))
     added = httpx.post(f"{sc.http_url}/v1/experts", json={"path": "nan"}, headers=AUTH, timeout=300)
     assert added.status_code == 400, added.text
-    assert "'nan' answered its canary pass" in added.json()["detail"]
+    detail = added.json()["detail"]  # the replica says so itself (INTERNAL: ordinary inputs, broken model)
+    assert "'nan' failed its canary call" in detail and "non-finite x0_hat for ordinary inputs" in detail
     assert "nan" not in [e["name"] for e in listing(sc)["experts"]]
     wait_for(lambda: slot not in serve.status().applications, "the tainted warm application deleted")
     wait_for(

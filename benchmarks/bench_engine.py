@@ -36,20 +36,26 @@ PHASES = ("wall", "gate", "plan", "wire", "expert", "combine", "overhead")
 
 
 class InProcessExpert:
-    """An `ExpertClient` that answers after the emulated latency, in this process."""
+    """An `ExpertClient` that answers after the emulated latency, in this process. Like a replica, it runs one
+    forward pass at a time: a call that arrives while one runs waits for it (reported as queue time), so an
+    expert is never more than 100% busy (two cohorts' calls do not overlap for free)."""
 
     def __init__(self, name: str, base_ms: float, per_row_ms: float, sigma_data: float = 0.5) -> None:
         self.name, self.base_ms, self.per_row_ms, self.sigma_data = name, base_ms, per_row_ms, sigma_data
+        self._busy = asyncio.Lock()
 
     async def infer(self, x, sigma, cond, timeout):  # noqa: ANN001, ANN201 - the ExpertClient signature
         from mode_ray.serve.transport import ExpertReply
 
         t0 = time.perf_counter()
         latency = (self.base_ms + self.per_row_ms * x.shape[0]) / 1e3
-        await asyncio.sleep(latency)
+        async with self._busy:
+            started = time.perf_counter()
+            await asyncio.sleep(latency)
         s2 = sigma.to(x.dtype).reshape(-1, 1, 1, 1) ** 2
         out = x * self.sigma_data**2 / (s2 + self.sigma_data**2)
-        return ExpertReply(out, wire_s=time.perf_counter() - t0, forward_s=latency)
+        wire = time.perf_counter() - t0
+        return ExpertReply(out, wire_s=wire, forward_s=latency, queue_s=started - t0)
 
     async def ready(self, timeout: float) -> bool:
         return True

@@ -27,13 +27,20 @@ def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.
     return (x - denoised) / sigma
 
 
+def per_row(
+    values: Sequence[float], sizes: Sequence[int], dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """(sum sizes,) values[i] repeated sizes[i] times, cast from the Python floats exactly as `tensor * value`
+    casts a scalar (so a batch has each row's own bits): one tensor op per batch, not one per trajectory."""
+    v = torch.tensor(values, dtype=dtype, device=device)
+    if any(n != 1 for n in sizes):
+        v = v.repeat_interleave(torch.tensor(sizes, device=device))
+    return v
+
+
 def _rows(values: Sequence[float], sizes: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """(R, 1, ..., 1) in like's dtype and device: values[i] for each of trajectory i's sizes[i] rows, cast
-    from the Python float exactly as `tensor * value` casts a scalar (so a batch has each row's own bits)."""
-    v = torch.tensor(values, dtype=like.dtype, device=like.device)
-    if any(s != 1 for s in sizes):
-        v = v.repeat_interleave(torch.tensor(sizes, device=like.device))
-    return v.reshape(-1, *([1] * (like.ndim - 1)))
+    """`per_row` shaped (R, 1, ..., 1) to broadcast over like's (R, C, H, W), in its dtype and device."""
+    return per_row(values, sizes, like.dtype, like.device).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def _cat(parts: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -21,7 +21,7 @@ from itertools import accumulate
 
 import torch
 
-from mode_ray.diffusion.samplers import advance_many
+from mode_ray.diffusion.samplers import advance_many, per_row
 from mode_ray.generation.request import RequestState, trace_step
 from mode_ray.routing.step import combine, dispatch, needs_guidance
 from mode_ray.routing.topk import PAD, Routing, drop_slots, route
@@ -71,16 +71,6 @@ def stack_queries(states: Sequence[RequestState]) -> Queries:
         stack_cond([s.cond for s in states], sizes),
         list(zip(starts[:-1], starts[1:], strict=True)),
     )
-
-
-def per_row(
-    values: Sequence[float], sizes: Sequence[int], dtype: torch.dtype, device: torch.device | str
-) -> torch.Tensor:
-    """(sum sizes,) values[i] repeated sizes[i] times: one tensor op per batch, not one per request."""
-    v = torch.tensor(values, dtype=dtype, device=device)
-    if any(n != 1 for n in sizes):
-        v = v.repeat_interleave(torch.tensor(sizes, device=device))
-    return v
 
 
 @dataclass(frozen=True)
